@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch first and pinned: on a CPU-only machine torch==2.13.0 resolves to a local CPU wheel;
+# installing it before the project keeps pip from resolving torch to a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: a real example training run (digits classifier) on an embedded local Ray.
+run: $(STAMP)
+	$(BIN)/python examples/digits.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not ray"
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) raytrainer_runs .pytest_cache

@@ -1,0 +1,20 @@
+"""raytrainer: Lightning-style training loops that scale out on Ray Train and sweep on Ray Tune.
+
+The public surface (see DESIGN.md): Module, DataModule, Trainer, FitResult, RayDataLoader,
+Callback, callbacks, loggers, seed_everything.
+"""
+from raytrainer import callbacks, loggers
+from raytrainer.callbacks import Callback
+from raytrainer.config import ConfigError
+from raytrainer.data import DataModule, RayDataLoader
+from raytrainer.module import Module
+from raytrainer.result import FitResult
+from raytrainer.trainer import Trainer
+from raytrainer.utilities import seed_everything
+
+LightningModule = Module          # so a Lightning module needs only its import changed
+LightningDataModule = DataModule
+
+__all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
+           "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError"]
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+from raytrainer.callbacks.base import Callback
+from raytrainer.callbacks.early_stopping import EarlyStopping
+from raytrainer.callbacks.lr_monitor import LearningRateMonitor
+from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
+from raytrainer.callbacks.progress import ProgressBar
+
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint", "ProgressBar"]

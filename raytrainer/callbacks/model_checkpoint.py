@@ -1,0 +1,183 @@
+"""ModelCheckpoint: when to save, which checkpoints to keep.
+
+It saves only at checkpoint boundaries (see callbacks/base.py), so every checkpoint resumes exactly.
+When: every ``every_n_train_steps`` optimizer steps, or every ``train_time_interval``, or else
+after each validation (every ``every_n_epochs`` epochs) — or at the epoch's end when there is no
+validation or ``save_on_train_epoch_end=True``. Which to keep: the ``save_top_k`` best by
+``monitor`` (a pure policy, ``topk_decision``), plus the newest as ``last`` with ``save_last``.
+Files are deleted only after the new checkpoint is committed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from typing import Any
+
+from raytrainer import checkpoint as ckpt_io
+from raytrainer.callbacks.base import Callback
+
+
+def topk_decision(best_k: dict[str, float], score: float, k: int, mode: str) -> tuple[bool, list[str]]:
+    """Should a checkpoint scoring ``score`` be kept among the ``k`` best, and which kept ones are
+    evicted? Ties are not improvements (the older checkpoint stays); NaN is never kept when k > 0
+    and there is a finite alternative. ``k=-1`` keeps all."""
+    if k == -1:
+        return True, []
+    if k == 0:
+        return False, []
+    if len(best_k) < k:
+        return True, []
+    worst_path = _worst(best_k, mode)
+    worst = best_k[worst_path]
+    if math.isnan(score):
+        return False, []
+    better = math.isnan(worst) or (score < worst if mode == "min" else score > worst)
+    return (True, [worst_path]) if better else (False, [])
+
+
+def _worst(best_k: dict[str, float], mode: str) -> str:
+    def badness(item):
+        order, (path, s) = item
+        # NaN is the worst; among equal scores the oldest (first inserted) goes first.
+        return (math.isnan(s), (s if mode == "min" else -s) if not math.isnan(s) else 0.0, -order)
+    return max(enumerate(best_k.items()), key=badness)[1][0]
+
+
+class ModelCheckpoint(Callback):
+    def __init__(self, monitor: str | None = None, mode: str = "min", save_top_k: int = 1,
+                 save_last: bool | None = None, every_n_train_steps: int | None = None,
+                 every_n_epochs: int | None = None, train_time_interval: Any = None,
+                 save_on_train_epoch_end: bool | None = None, verbose: bool = False):
+        if mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint(mode={mode!r}) is invalid: expected 'min' or 'max'")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k!r}) is invalid: expected -1 (all), 0, or k >= 1")
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) needs a monitor to rank "
+                             "checkpoints; set monitor='val_loss' (or save_top_k=1 / -1)")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"ModelCheckpoint(monitor={monitor!r}) is invalid: expected a metric name")
+        for arg, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelCheckpoint({arg}={value!r}) is invalid: expected None or an int >= 1")
+        if isinstance(train_time_interval, _dt.timedelta):
+            train_time_interval = train_time_interval.total_seconds()
+        if train_time_interval is not None and (isinstance(train_time_interval, bool) or
+                                                not isinstance(train_time_interval, (int, float)) or train_time_interval <= 0):
+            raise ValueError(f"ModelCheckpoint(train_time_interval={train_time_interval!r}) is invalid: "
+                             "expected a datetime.timedelta or seconds > 0")
+        if sum(x is not None for x in (every_n_train_steps, every_n_epochs, train_time_interval)) > 1:
+            raise ValueError("ModelCheckpoint: every_n_train_steps, every_n_epochs and train_time_interval "
+                             "are mutually exclusive; set one")
+        self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs or 1
+        self.train_time_interval = train_time_interval
+        self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.verbose = verbose
+        self.best_k_models: dict[str, float] = {}
+        self.best_model_path = ""
+        self.best_model_score: float | None = None
+        self.last_model_path = ""
+        self._last_save_time = time.monotonic()
+
+    @property
+    def state_key(self) -> str:
+        return (f"ModelCheckpoint{{monitor={self.monitor!r}, mode={self.mode!r}, "
+                f"every_n_train_steps={self.every_n_train_steps}, every_n_epochs={self.every_n_epochs}, "
+                f"train_time_interval={self.train_time_interval}}}")
+
+    def state_dict(self) -> dict:
+        return {"best_k_models": dict(self.best_k_models), "best_model_path": self.best_model_path,
+                "best_model_score": self.best_model_score, "last_model_path": self.last_model_path}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_k_models = dict(state.get("best_k_models", {}))
+        self.best_model_path = state.get("best_model_path", "")
+        self.best_model_score = state.get("best_model_score")
+        self.last_model_path = state.get("last_model_path", "")
+
+    # ------------------------------------------------------------------ when
+    def _saves_on_epoch_end(self, trainer) -> bool:
+        if self.save_on_train_epoch_end is not None:
+            return self.save_on_train_epoch_end
+        return not trainer._run.has_validation
+
+    def _due(self, trainer) -> bool:
+        run = trainer._run
+        if self.every_n_train_steps or self.train_time_interval:
+            if run.boundary != "step" or run.global_step == 0:
+                return False
+            if self.every_n_train_steps:
+                return run.global_step % self.every_n_train_steps == 0
+            return time.monotonic() - self._last_save_time >= self.train_time_interval
+        epoch_ok = (run.current_epoch + 1) % self.every_n_epochs == 0
+        if run.boundary == "epoch":
+            return epoch_ok and self._saves_on_epoch_end(trainer)
+        return epoch_ok and run.validated_this_boundary and not self._saves_on_epoch_end(trainer)
+
+    def on_checkpoint_boundary(self, trainer, pl_module) -> None:
+        if trainer._run.cfg.enable_checkpointing and self._due(trainer):
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A run that ends for any reason (max_steps mid-epoch, max_epochs, early stop) keeps its
+        # final state as `last`.
+        run = trainer._run
+        if self.save_last and run.cfg.enable_checkpointing and run.last_saved_position != run.position():
+            self._commit(trainer, keep=False, score=None)
+
+    # ------------------------------------------------------------------ what
+    def save(self, trainer) -> None:
+        score = None
+        if self.monitor is not None:
+            metrics = trainer.callback_metrics
+            if self.monitor not in metrics:
+                raise KeyError(f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric; "
+                               f"logged metrics: {sorted(metrics)}. Log it with self.log({self.monitor!r}, ...)"
+                               " or fix the monitor name")
+            score = float(metrics[self.monitor])
+        keep, evict = topk_decision(self.best_k_models, score if score is not None else 0.0,
+                                    self.save_top_k, self.mode) if score is not None else \
+            (self.save_top_k != 0, list(self.best_k_models) if self.save_top_k == 1 else [])
+        # Every rank must take the same decision (saving is collective): rank 0's wins.
+        keep, evict = trainer._run.ctx.broadcast_object((keep, evict))
+        if keep or self.save_last:
+            self._commit(trainer, keep, score, evict)
+
+    def _commit(self, trainer, keep: bool, score: float | None, evict: list[str] = ()) -> None:
+        run = trainer._run
+        uri = run.checkpoint_uri()
+        evict = [p for p in evict if p != uri]
+        # Update the bookkeeping first so the checkpoint's own copy of this callback's state
+        # already lists it (after a resume it can then be ranked and evicted like any other).
+        if keep:
+            self.best_k_models[uri] = score if score is not None else float("nan")
+            for path in evict:
+                self.best_k_models.pop(path, None)
+            if score is not None:
+                best = min if self.mode == "min" else max
+                finite = {p: s for p, s in self.best_k_models.items() if not math.isnan(s)}
+                self.best_model_path = best(finite, key=finite.get) if finite else uri
+                self.best_model_score = self.best_k_models[self.best_model_path]
+            else:
+                self.best_model_path = uri
+        previous_last = self.last_model_path
+        if self.save_last:
+            self.last_model_path = uri
+        run.save_checkpoint()  # returns once committed; deletions only after that
+        self._last_save_time = time.monotonic()
+        if self.verbose and trainer.is_global_zero:
+            print(f"[raytrainer] checkpoint {uri}" + (f" ({self.monitor}={score:.6g})" if score is not None else ""))
+        stale = set(evict) | ({previous_last} if previous_last and previous_last != uri else set())
+        self._delete_unreferenced(trainer, stale)
+
+    def _delete_unreferenced(self, trainer, candidates: set[str]) -> None:
+        if not trainer.is_global_zero:
+            return
+        referenced = set()
+        for cb in trainer.checkpoint_callbacks:
+            referenced |= set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}
+        for path in candidates - referenced:
+            ckpt_io.delete(path, trainer.cfg.storage_options)

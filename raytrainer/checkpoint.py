@@ -1,0 +1,197 @@
+"""Checkpoint format, atomic commit, verified load.
+
+A checkpoint is a folder ``{storage_path}/{name}/checkpoints/step=000001234[-epoch_end]/``::
+
+    model.pt      the module's state_dict
+    state.pt      everything else: optimizers, schedulers, GradScaler, loop counters, RNG states,
+                  data position, callbacks, loggers, metric aggregates, hparams, format version
+    COMMIT.json   written last: sha256 and size of every file above. Without it the folder is not
+                  a checkpoint (a save that died half-way); with it, every load verifies hashes.
+
+Loading uses ``torch.load(weights_only=True)``: no arbitrary unpickling, ever.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from typing import Any, Mapping
+
+import torch
+
+from raytrainer import storage
+
+COMMIT_FILE = "COMMIT.json"
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+_DIR_RE = re.compile(r"^step=(\d{9})(-epoch_end)?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, uncommitted, corrupted, or does not fit the model."""
+
+
+def checkpoint_dir_name(global_step: int, epoch_end: bool) -> str:
+    return f"step={global_step:09d}" + ("-epoch_end" if epoch_end else "")
+
+
+def checkpoints_root(cfg) -> str:
+    return storage.join(cfg.run_dir, "checkpoints")
+
+
+def checkpoint_uri(cfg, global_step: int, epoch_end: bool) -> str:
+    return storage.join(checkpoints_root(cfg), checkpoint_dir_name(global_step, epoch_end))
+
+
+def serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None) -> None:
+    """Write ``state`` to ``uri`` and commit it. Raises if any write fails (nothing committed)."""
+    state = dict(state)
+    payloads = {MODEL_FILE: serialize(state.pop("state_dict")), STATE_FILE: serialize(state)}
+    write_payloads(uri, payloads, storage_options,
+                   meta={"global_step": state.get("global_step"), "epoch": state.get("epoch")})
+
+
+def write_payloads(uri: str, payloads: dict[str, bytes], storage_options: Mapping | None,
+                   meta: dict) -> None:
+    fs, path = storage.filesystem(uri, storage_options)
+    if fs.exists(f"{path}/{COMMIT_FILE}"):
+        # Re-committing over a committed folder would leave a window where it is half-written;
+        # uncommit first, so readers skip it until the new marker lands.
+        fs.rm(f"{path}/{COMMIT_FILE}")
+    fs.makedirs(path, exist_ok=True)
+    files = {}
+    for name, data in payloads.items():
+        fs.pipe_file(f"{path}/{name}", data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    marker = {"format_version": 1, "files": files, "created": time.time(), **meta}
+    _write_marker(fs, path, json.dumps(marker, indent=1).encode())
+
+
+def _write_marker(fs, path: str, data: bytes) -> None:
+    target = f"{path}/{COMMIT_FILE}"
+    if type(fs).__name__ == "LocalFileSystem":
+        tmp = f"{target}.tmp"  # local rename is atomic; object stores' PUTs are atomic already
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, target)
+    else:
+        fs.pipe_file(target, data)
+
+
+def read_marker(uri: str, storage_options: Mapping | None = None) -> dict | None:
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        marker = json.loads(fs.cat_file(f"{path}/{COMMIT_FILE}"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None  # a torn marker counts as not committed
+    return marker if isinstance(marker, dict) and "files" in marker else None
+
+
+def load(uri: str, storage_options: Mapping | None = None) -> dict:
+    """Read and verify a committed checkpoint; returns the state with ``state_dict`` included."""
+    marker = read_marker(uri, storage_options)
+    if marker is None:
+        fs, path = storage.filesystem(uri, storage_options)
+        if not fs.exists(path):
+            raise CheckpointError(f"checkpoint {uri} does not exist")
+        raise CheckpointError(f"checkpoint {uri} is not committed (no valid {COMMIT_FILE}): the save "
+                              "that wrote it did not finish; use an earlier checkpoint")
+    fs, path = storage.filesystem(uri, storage_options)
+    blobs = {}
+    for name, info in marker["files"].items():
+        try:
+            data = fs.cat_file(f"{path}/{name}")
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {uri} is missing {name}") from None
+        if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {uri}/{name} is corrupted: its content does not "
+                                  f"match the hash recorded in {COMMIT_FILE}")
+        blobs[name] = data
+    state = _torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
+    state["state_dict"] = _torch_load(blobs[MODEL_FILE], f"{uri}/{MODEL_FILE}")
+    return state
+
+
+def _torch_load(data: bytes, where: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"refusing to load {where}: it holds objects that are not plain "
+                              f"tensors/containers (weights_only=True): {e}") from e
+
+
+def list_committed(cfg_or_root, storage_options: Mapping | None = None) -> list[str]:
+    """URIs of committed checkpoints under a run, oldest first (by step, epoch-end last)."""
+    root = cfg_or_root if isinstance(cfg_or_root, str) else checkpoints_root(cfg_or_root)
+    fs, path = storage.filesystem(root, storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        m = _DIR_RE.match(name)
+        if m and fs.exists(f"{entry.rstrip('/')}/{COMMIT_FILE}"):
+            found.append((int(m.group(1)), bool(m.group(2)), storage.join(root, name)))
+    return [uri for _, _, uri in sorted(found)]
+
+
+def latest_committed(cfg, storage_options: Mapping | None = None) -> str | None:
+    found = list_committed(cfg, storage_options)
+    return found[-1] if found else None
+
+
+def delete(uri: str, storage_options: Mapping | None = None) -> None:
+    """Remove a checkpoint: the marker first, so a half-deleted folder is never 'committed'."""
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        fs.rm(f"{path}/{COMMIT_FILE}")
+    except FileNotFoundError:
+        pass
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def load_module_state(module: torch.nn.Module, state_dict: dict) -> None:
+    """Load weights strictly, naming mismatched keys and shapes (a checkpoint of another model)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict)
+                    if hasattr(own[k], "shape") and tuple(own[k].shape) != tuple(state_dict[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}")
+        if shapes:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:10]))
+        raise CheckpointError(f"the checkpoint does not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(state_dict)
+
+
+def plain_hparams(hparams: Mapping) -> dict:
+    """hparams as plain data (what weights_only loading accepts); other objects become repr()."""
+    def plain(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        return repr(v)
+    return {str(k): plain(v) for k, v in hparams.items()}

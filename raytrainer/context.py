@@ -1,0 +1,69 @@
+"""RunContext: everything the loop needs to know about where it runs.
+
+In-process, inside Ray Train workers, or inside a Tune trial, the loop is the same; only the
+context differs (rank, world size, device, collectives, reporting, the latest checkpoint). This is
+the only seam between the loop and a runtime; the loop never imports ray.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class RunContext(Protocol):
+    world_size: int
+    global_rank: int
+    local_rank: int
+    node_rank: int
+    device: torch.device
+
+    def barrier(self) -> None: ...
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Return the reduction ("sum" | "max" | "min") of ``tensor`` over all ranks."""
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Tell the runtime about progress: called at validations and checkpoint commits."""
+
+    def latest_checkpoint(self) -> str | None:
+        """A checkpoint the runtime wants the run resumed from (after a restart), or None."""
+
+
+class LocalContext:
+    """One process, one device: collectives are identities."""
+
+    world_size = 1
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        pass
+
+    def latest_checkpoint(self) -> str | None:
+        return None
+
+
+def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:
+    """``accelerator`` ("cpu" | "gpu" | "auto") to this process's device."""
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("accelerator='gpu' but torch sees no CUDA device here; "
+                               "use accelerator='cpu' or 'auto'")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -1,0 +1,6 @@
+"""Loggers: run last in every event, on global rank zero only (see ``base``)."""
+from raytrainer.loggers.base import Logger
+from raytrainer.loggers.csv_logs import CSVLogger
+from raytrainer.loggers.tensorboard import TensorBoardLogger
+
+__all__ = ["Logger", "TensorBoardLogger", "CSVLogger"]

@@ -1,0 +1,83 @@
+"""Shared path helpers for loggers: local paths, ``file://`` URIs and remote fsspec staging.
+
+Event and CSV writers need a real local file (tensorboardX appends to an open handle, and
+object stores cannot append), so a logger whose log dir is remote writes into a local staging
+directory and copies it up on ``save()``/``finalize()``.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+
+_FILE_SCHEME = "file://"
+
+
+def is_remote(uri: str) -> bool:
+    """True for fsspec URIs other than ``file://`` (``s3://``, ``gs://``, ``memory://``...)."""
+    return "://" in uri and not uri.startswith(_FILE_SCHEME)
+
+
+def strip_file_scheme(path: str) -> str:
+    return path[len(_FILE_SCHEME):] if path.startswith(_FILE_SCHEME) else path
+
+
+def join(base: str, name: str) -> str:
+    """Join a child name onto a local path or URI (URIs always use ``/``)."""
+    return posixpath.join(base.rstrip("/"), name) if "://" in base else os.path.join(base, name)
+
+
+def resolve_log_dir(log_dir: str, prefix: str) -> tuple[str, str, str | None]:
+    """Return ``(log_dir, local_dir, remote_uri)`` for a logger's target directory.
+
+    ``local_dir`` is where files are actually written: the directory itself for local targets,
+    a fresh ``tempfile.mkdtemp`` staging folder for remote ones (``remote_uri`` is then set).
+    """
+    if is_remote(log_dir):
+        return log_dir, tempfile.mkdtemp(prefix=prefix), log_dir
+    local = strip_file_scheme(log_dir)
+    os.makedirs(local, exist_ok=True)
+    return local, local, None
+
+
+def sync_dir_to_remote(local_dir: str, remote_uri: str,
+                       uploaded: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """Copy every file under ``local_dir`` to the same relative path under ``remote_uri``.
+
+    ``uploaded`` (optional, updated in place) maps relative paths to the ``(size, mtime_ns)``
+    last uploaded, so repeated syncs skip unchanged files -- an event file is re-sent only when
+    it grew, which keeps per-checkpoint syncs cheap on object stores. Returns the uploaded
+    relative paths.
+    """
+    import fsspec  # imported here: loggers on local paths never pay for it
+
+    fs, root = fsspec.core.url_to_fs(remote_uri)
+    sent = []
+    for dirpath, _, files in os.walk(local_dir):
+        for fname in sorted(files):
+            lpath = os.path.join(dirpath, fname)
+            rel = os.path.relpath(lpath, local_dir).replace(os.sep, "/")
+            st = os.stat(lpath)
+            stamp = (st.st_size, st.st_mtime_ns)
+            if uploaded is not None and uploaded.get(rel) == stamp:
+                continue
+            rpath = posixpath.join(root.rstrip("/"), rel)
+            fs.makedirs(posixpath.dirname(rpath), exist_ok=True)
+            # put_file (not a recursive put of the folder): recursive put copies a directory
+            # *into* an existing target folder, nesting the staging dir's random name.
+            fs.put_file(lpath, rpath)
+            if uploaded is not None:
+                uploaded[rel] = stamp
+            sent.append(rel)
+    return sent
+
+
+def fetch_remote_file(remote_uri: str, local_path: str) -> bool:
+    """Download ``remote_uri`` to ``local_path`` if it exists (resuming into a staging dir)."""
+    import fsspec
+
+    fs, rpath = fsspec.core.url_to_fs(remote_uri)
+    if not fs.exists(rpath):
+        return False
+    fs.get_file(rpath, local_path)
+    return True

@@ -1,0 +1,153 @@
+"""TensorBoard logger on ``tensorboardX`` (no TensorFlow needed to write event files)."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+from raytrainer.loggers import _hparams, _sync
+from raytrainer.loggers.base import Logger
+
+
+class TensorBoardLogger(Logger):
+    """Write scalars and hyperparameters as TensorBoard event files.
+
+    The log dir is ``{save_dir}/{name}``, or ``{run_dir}/{name}`` when ``save_dir`` is None.
+    A remote log dir (``s3://...``) is written to a local staging folder and uploaded on
+    ``save()``/``finalize()``. The ``SummaryWriter`` is opened lazily, on first use, and dropped
+    when pickled, so a logger travels to Ray workers as a few strings.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str = "tensorboard",
+                 flush_secs: int = 10) -> None:
+        self._save_dir = save_dir
+        self._name = name
+        self._flush_secs = flush_secs
+        self._target = _sync.join(save_dir, name) if save_dir is not None else None
+        self._unbind()
+        self._purge_step: int | None = None
+        self._last_step: int | None = None
+
+    def _unbind(self) -> None:
+        # Everything tied to this process: the open writer and where files are staged.
+        self._writer = None
+        self._local_dir: str | None = None
+        self._remote: str | None = None
+        self._uploaded: dict[str, tuple[int, int]] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def log_dir(self) -> str | None:
+        """The log dir as given (a local path, or the remote URI when staging)."""
+        if self._target is None:
+            return None
+        return self._target if _sync.is_remote(self._target) else _sync.strip_file_scheme(
+            self._target)
+
+    def setup(self, run_dir: str) -> None:
+        if self._save_dir is None:
+            target = _sync.join(run_dir, self._name)
+            if target != self._target:
+                self._close_writer()
+                self._unbind()
+            self._target = target
+        self._bind()
+
+    def _bind(self) -> None:
+        if self._local_dir is not None:
+            return
+        if self._target is None:
+            raise RuntimeError("TensorBoardLogger has no log dir: pass save_dir= or call "
+                               "setup(run_dir) first")
+        _, self._local_dir, self._remote = _sync.resolve_log_dir(self._target, "raytrainer-tb-")
+
+    @property
+    def experiment(self):
+        """The ``tensorboardX.SummaryWriter``, opened on first access."""
+        if self._writer is None:
+            from tensorboardX import SummaryWriter  # lazy: keeps `import raytrainer` light
+
+            self._bind()
+            # tensorboardX names files by the second and hostname only: two writers opened in the
+            # same second would clobber each other. The suffix makes names unique and keeps them
+            # in creation order, the order TensorBoard reads a directory's files in.
+            # purge_step makes TensorBoard hide events a crashed run wrote past its checkpoint.
+            self._writer = SummaryWriter(logdir=self._local_dir, flush_secs=self._flush_secs,
+                                         purge_step=self._purge_step,
+                                         filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+            self._purge_step = None
+        return self._writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        writer = self.experiment
+        for key, value in metrics.items():
+            writer.add_scalar(key, float(value), global_step=step)
+        self._last_step = step if self._last_step is None else max(self._last_step, step)
+
+    def log_hyperparams(self, params: Mapping[str, Any],
+                        metrics: Mapping[str, float] | None = None) -> None:
+        """Write the hparams-plugin summaries and ``hparams.yaml``.
+
+        ``metrics`` names the scalar tags the HParams dashboard shows next to each run (values,
+        if given, are logged at step 0 as Lightning does).
+        """
+        from tensorboardX.summary import hparams
+
+        flat = {k: _hparams.scalar_or_str(v) for k, v in _hparams.flatten(params).items()}
+        writer = self.experiment
+        # Into the run's own event file (not add_hparams, which opens a sub-folder per call), so
+        # the dashboard pairs these hparams with this run's scalars.
+        exp, ssi, sei = hparams(flat, dict(metrics or {}))
+        file_writer = writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+        if metrics:
+            self.log_metrics(metrics, 0)
+        _hparams.write_hparams_yaml(self._local_dir, params)
+
+    def save(self) -> None:
+        """Flush; for a remote log dir, also upload.
+
+        tensorboardX's ``flush()`` does not drain its event queue (a background thread writes
+        events within ``flush_secs``), so a local flush is best effort. An upload needs complete
+        files, so with a remote log dir the writer is closed instead (close drains the queue) and
+        the next event opens a new file: closed files never change, and are uploaded once.
+        """
+        if self._remote is not None:
+            self._close_writer()
+            self._upload()
+        elif self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self, status: str) -> None:
+        self._close_writer()
+        self._upload()
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _upload(self) -> None:
+        if self._remote is not None and self._local_dir is not None:
+            _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded)
+
+    def state_dict(self) -> dict:
+        return {"step": self._last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume, hide events logged after the checkpoint by the run that crashed."""
+        step = state.get("step")
+        self._last_step = step
+        if step is not None:
+            self._close_writer()  # the purge marker is written when the next writer opens
+            self._purge_step = step + 1
+
+    def __getstate__(self) -> dict:
+        # The writer holds an open file and a thread; a staging dir is local to this host.
+        state = self.__dict__.copy()
+        state.update(_writer=None, _local_dir=None, _remote=None, _uploaded={})
+        return state

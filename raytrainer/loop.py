@@ -1,0 +1,218 @@
+"""THE training loop. One implementation: in-process, in Ray Train workers and in Tune trials it is
+this code; what differs is the RunContext inside ``run.ctx``. It never imports ray.
+
+Read top to bottom: epochs -> batches -> (accumulate, clip, step) -> log -> validate ->
+checkpoint boundary. The event order is documented in ``raytrainer/callbacks/base.py``.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from raytrainer.data import TrainData
+from raytrainer.evaluation import run_evaluation
+from raytrainer.utilities import infer_batch_size, move_to_device
+
+
+def fit_loop(run, train: TrainData, val_loaders: list) -> None:
+    cfg = run.cfg
+    run.num_training_batches = _num_batches(train, cfg.limit_train_batches)
+    run.call("on_fit_start")
+    run.call("on_train_start")
+    while not _fit_done(run):
+        finished_epoch = train_epoch(run, train, val_loaders)
+        if not finished_epoch:
+            break  # stopped mid-epoch (max_steps or should_stop): the epoch stays unfinished
+        _end_epoch(run)
+        run.current_epoch += 1
+        run.batches_done = 0
+        run.epoch_finished = False
+    run.call("on_train_end")
+    run.call("on_fit_end")
+
+
+def _fit_done(run) -> bool:
+    cfg = run.cfg
+    return (run.should_stop
+            or (cfg.max_steps != -1 and run.global_step >= cfg.max_steps)
+            or (cfg.max_epochs != -1 and run.current_epoch >= cfg.max_epochs))
+
+
+def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
+    """Run the rest of ``run.current_epoch``; True when all its batches were consumed."""
+    cfg, module = run.cfg, run.module
+    start = run.batches_done
+    if start == 0:
+        run.metrics.start_epoch("train")
+    module.train()
+    run.call("on_train_epoch_start")
+    # Creating the iterator draws the epoch's shuffle seed; on a mid-epoch resume this restores
+    # the epoch-start RNG, skips `start` index batches, then restores the checkpoint's RNG.
+    it, run.epoch_data_state = train.epoch_iterator(
+        run.current_epoch, start, run.epoch_data_state if start else None,
+        getattr(run, "resume_rng", None) if start else None)
+    run.resume_rng = None
+
+    n = run.num_training_batches
+    accumulate = cfg.accumulate_grad_batches
+    automatic = module.automatic_optimization
+    window_has_grad = False
+    batch_idx = start
+    # With a known length, the last batch is known by index. Without one, one batch of lookahead
+    # tells (an accumulation window closes at the epoch's end). Lookahead is avoided otherwise:
+    # fetching batch b+1 before step b would move RNG draws of data loading across a checkpoint.
+    lookahead = math.isinf(n)
+    pending = _next(it) if batch_idx < n else _END
+    while pending is not _END:
+        batch = pending
+        if lookahead:
+            pending = _next(it)
+            is_last = pending is _END
+        else:
+            is_last = batch_idx + 1 >= n
+            pending = None  # fetched at the bottom of the loop, after this step
+        batch = move_to_device(batch, run.device)
+        run.metrics.batch_size = infer_batch_size(batch)
+        if run.call("on_train_batch_start", batch, batch_idx) == -1:
+            return True  # the module ended the epoch early (Lightning's -1): on to epoch end
+        run.batches_done = batch_idx + 1
+        steps_before = run.global_step
+        window_done = (batch_idx + 1) % accumulate == 0 or is_last
+        if automatic:
+            outputs, backward_done = _automatic_forward_backward(run, batch, batch_idx, window_done)
+            window_has_grad |= backward_done
+            if window_done:
+                if window_has_grad:  # a window whose every step returned None skips the step
+                    for opt in run.optimizers:
+                        run.optimizer_step(opt)
+                    run.precision.update()
+                    run.global_step += 1
+                    run.step_schedulers("step")
+                window_has_grad = False
+        else:
+            outputs = _manual_step(run, batch, batch_idx)
+            window_done = True
+        run.call("on_train_batch_end", outputs, batch, batch_idx)
+
+        if run.global_step != steps_before and run.global_step % cfg.log_every_n_steps == 0:
+            # The only per-step host sync, and only every log_every_n_steps steps.
+            step_metrics = run.metrics.logger_filter(run.metrics.step_metrics(), "train")
+            step_metrics["epoch"] = float(run.current_epoch)
+            run.metrics.logged_metrics.update(step_metrics)
+            run.log_to_loggers(step_metrics, run.global_step)
+
+        if val_loaders and _validation_due(run, batch_idx, is_last):
+            run_evaluation(run, val_loaders, "validate")
+            run.validated_this_boundary = True
+        if window_done:
+            _checkpoint_boundary(run, "step")
+        batch_idx += 1
+        if run.should_stop or (cfg.max_steps != -1 and run.global_step >= cfg.max_steps):
+            return is_last
+        if not lookahead:
+            pending = _next(it) if not is_last else _END
+    return True
+
+
+def _end_epoch(run) -> None:
+    """Epoch end: hooks, epoch aggregates to the loggers, epoch schedulers, boundary."""
+    run.call("on_train_epoch_end")
+    values = run.metrics.logger_filter(run.metrics.end_epoch("train"), "train")
+    if values:
+        values["epoch"] = float(run.current_epoch)
+        run.metrics.logged_metrics.update(values)
+        run.log_to_loggers(values, run.global_step)
+    run.step_schedulers("epoch")
+    run.epoch_finished = True
+    _checkpoint_boundary(run, "epoch")
+    for lg in run.loggers:
+        lg.save()
+
+
+def _checkpoint_boundary(run, kind: str) -> None:
+    """A point from which a resumed run continues exactly like this one: checkpoints go here."""
+    run.boundary = kind
+    for cb in run.callbacks:
+        cb.on_checkpoint_boundary(run.trainer, run.module)
+    run.boundary = None
+    run.validated_this_boundary = False
+
+
+def _automatic_forward_backward(run, batch: Any, batch_idx: int, window_done: bool):
+    # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers the
+    # communication to the window's last backward.
+    sync = nullcontext() if window_done else run.no_sync()
+    with sync:
+        with run.precision.autocast():
+            outputs = run.training_forward(batch, batch_idx)
+        loss = extract_loss(outputs)
+        if loss is None:
+            return outputs, False
+        # Backward runs outside autocast (as torch recommends); the loss is averaged over the
+        # window so k accumulated micro-batches equal one batch k times larger.
+        k = run.cfg.accumulate_grad_batches
+        run.backward(loss / k if k > 1 else loss)
+    return outputs, True
+
+
+def _manual_step(run, batch: Any, batch_idx: int):
+    with run.precision.autocast():
+        return run.training_forward(batch, batch_idx)
+
+
+def extract_loss(outputs: Any) -> torch.Tensor | None:
+    if outputs is None:
+        return None
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if isinstance(outputs, dict) and "loss" not in outputs:
+        raise ValueError(f"training_step returned a dict without a 'loss' key (keys: {sorted(outputs)}); "
+                         "return the loss tensor, a dict with 'loss', or None to skip the batch")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"training_step returned {type(loss).__name__}; return the loss tensor, "
+                        "a dict with 'loss', or None to skip the batch")
+    if loss.numel() != 1:
+        raise ValueError(f"training_step's loss has shape {tuple(loss.shape)}; it must be a scalar "
+                         "(reduce it with .mean() or .sum())")
+    if not loss.requires_grad:
+        raise ValueError("training_step's loss does not require grad (was it detached, computed "
+                         "under torch.no_grad(), or from a module without trainable parameters?)")
+    return loss
+
+
+def _validation_due(run, batch_idx: int, is_last: bool) -> bool:
+    cfg = run.cfg
+    if cfg.limit_val_batches == 0:
+        return False
+    if cfg.check_val_every_n_epoch is not None and (run.current_epoch + 1) % cfg.check_val_every_n_epoch:
+        return False
+    vci = cfg.val_check_interval
+    if isinstance(vci, float):
+        if vci == 1.0 or math.isinf(run.num_training_batches):
+            return is_last
+        every = max(1, int(run.num_training_batches * vci))
+        return (batch_idx + 1) % every == 0 or is_last
+    if cfg.check_val_every_n_epoch is None:  # an int interval counts batches across epochs
+        return (run.current_epoch * run.num_training_batches + batch_idx + 1) % vci == 0
+    return (batch_idx + 1) % vci == 0
+
+
+def _num_batches(train: TrainData, limit) -> float:
+    total = len(train) if train.has_len() else math.inf
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        if math.isinf(total):
+            raise ValueError("a fractional limit_train_batches needs a train loader with a length; "
+                             "pass an int number of batches")
+        return int(total * limit) if limit < 1.0 else total
+    return min(total, limit)
+
+
+_END = object()
+
+
+def _next(it):
+    return next(it, _END)

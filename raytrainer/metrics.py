@@ -1,0 +1,213 @@
+"""What ``self.log`` records, and how it is reduced.
+
+Values are kept as detached device tensors and accumulated on the device; nothing is read back to
+the host until someone asks (a logging step, an epoch end, a callback reading
+``trainer.callback_metrics``). That keeps the step loop free of host-device syncs.
+
+Naming follows Lightning: a metric logged with both ``on_step`` and ``on_epoch`` appears as
+``{name}_step`` and ``{name}_epoch``, and ``{name}`` is the latest of the two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+REDUCE_FX = {"mean": "mean", "sum": "sum", "max": "max", "min": "min",
+             torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    on_step: bool
+    on_epoch: bool
+    prog_bar: bool
+    logger: bool
+    reduce_fx: str
+    sync_dist: bool
+
+
+class _Accumulator:
+    """Epoch reduction of one metric, on the value's device."""
+
+    __slots__ = ("reduce_fx", "total", "weight")
+
+    def __init__(self, reduce_fx: str):
+        self.reduce_fx = reduce_fx
+        self.total: torch.Tensor | None = None
+        self.weight = 0.0
+
+    def update(self, value: torch.Tensor, batch_size: int) -> None:
+        v = value.float()
+        if self.total is None:
+            self.total = v * batch_size if self.reduce_fx == "mean" else v.clone()
+        elif self.reduce_fx == "mean":
+            self.total = self.total + v * batch_size
+        elif self.reduce_fx == "sum":
+            self.total = self.total + v
+        elif self.reduce_fx == "max":
+            self.total = torch.maximum(self.total, v)
+        else:
+            self.total = torch.minimum(self.total, v)
+        self.weight += batch_size
+
+    def compute(self, all_reduce: Callable | None) -> torch.Tensor:
+        total = self.total
+        if self.reduce_fx == "mean":
+            weight = torch.tensor(self.weight, dtype=torch.float32, device=total.device)
+            if all_reduce is not None:  # global weighted mean: reduce numerator and denominator
+                both = all_reduce(torch.stack([total, weight]), "sum")
+                total, weight = both[0], both[1]
+            return total / weight
+        if all_reduce is not None:
+            return all_reduce(total, self.reduce_fx)
+        return total
+
+
+class MetricCollector:
+    """Collects ``self.log`` calls for one run; ``stage`` and ``in_step`` are set by the loop."""
+
+    def __init__(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor], world_size: int):
+        self._all_reduce = all_reduce
+        self._world_size = world_size
+        self.stage = "train"
+        self.in_step = False
+        self.batch_size = 1
+        self._specs: dict[tuple[str, str], MetricSpec] = {}
+        self._step_values: dict[str, torch.Tensor] = {}       # train, current step
+        self._epoch: dict[str, dict[str, _Accumulator]] = {}  # stage -> name -> acc
+        self._finalized: dict[str, torch.Tensor] = {}         # completed epoch values, by shown name
+        self.logged_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ recording
+    def log(self, name: str, value: Any, *, prog_bar: bool, logger: bool, on_step: bool | None,
+            on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"self.log: the metric name must be a non-empty string, got {name!r}")
+        if reduce_fx not in REDUCE_FX:
+            raise ValueError(f"self.log({name!r}): reduce_fx must be one of 'mean', 'sum', 'max', "
+                             f"'min' (or torch.mean/sum/max/min), got {reduce_fx!r}")
+        tensor = _as_scalar_tensor(name, value)
+        training_step = self.stage == "train" and self.in_step
+        on_step = training_step if on_step is None else bool(on_step)
+        on_epoch = (not training_step) if on_epoch is None else bool(on_epoch)
+        if self.stage != "train" and on_step:
+            on_step = False  # per-step values of evaluation are not logged (Lightning logs them
+            on_epoch = True  # per dataloader step; we keep evaluation to epoch aggregates)
+        spec = MetricSpec(on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
+        known = self._specs.setdefault((self.stage, name), spec)
+        if known != spec:
+            raise ValueError(f"self.log({name!r}) was called with different arguments in the same "
+                             f"{self.stage} run: {known} then {spec}")
+        if on_step:
+            self._step_values[name] = tensor
+        if on_epoch:
+            accs = self._epoch.setdefault(self.stage, {})
+            acc = accs.get(name)
+            if acc is None:
+                acc = accs[name] = _Accumulator(spec.reduce_fx)
+            acc.update(tensor, self.batch_size if batch_size is None else int(batch_size))
+
+    def start_epoch(self, stage: str) -> None:
+        self._epoch[stage] = {}
+        if stage == "train":
+            self._step_values = {}
+
+    # ------------------------------------------------------------------ reading (host syncs)
+    def step_metrics(self) -> dict[str, float]:
+        """Current per-step training values for the loggers: one host sync for all of them."""
+        names, tensors = [], []
+        for name, value in self._step_values.items():
+            spec = self._specs[("train", name)]
+            if spec.sync_dist and self._world_size > 1:
+                value = self._reduce_step(value, spec.reduce_fx)
+            names.append(f"{name}_step" if spec.on_epoch else name)
+            tensors.append(value.float())
+        values = torch.stack(tensors).tolist() if tensors else []
+        return dict(zip(names, values))
+
+    def end_epoch(self, stage: str) -> dict[str, float]:
+        """Reduce ``stage``'s epoch accumulators (across ranks where ``sync_dist``) and keep them
+        as the latest values. Every rank must call this: sync_dist reductions are collectives."""
+        out_names, tensors = [], []
+        for name, acc in sorted(self._epoch.get(stage, {}).items()):
+            spec = self._specs[(stage, name)]
+            reduce = self._all_reduce if (spec.sync_dist and self._world_size > 1) else None
+            out_names.append((name, f"{name}_epoch" if spec.on_step else name))
+            tensors.append(acc.compute(reduce).detach())
+        values = torch.stack(tensors).cpu() if tensors else torch.empty(0)
+        result = {}
+        for (name, shown), v in zip(out_names, values):
+            self._finalized[shown] = v
+            self._finalized[name] = v
+            result[shown] = float(v)
+        self._epoch[stage] = {}
+        return result
+
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        """Latest value of every metric (as CPU tensors, as Lightning's callback_metrics)."""
+        out = dict(self._finalized)
+        for name, value in self._step_values.items():
+            spec = self._specs[("train", name)]
+            v = value.detach().float().cpu()
+            out[f"{name}_step" if spec.on_epoch else name] = v
+            if not spec.on_epoch:
+                out[name] = v
+        return out
+
+    def progress_bar_metrics(self) -> dict[str, float]:
+        shown = {n for (_, n), s in self._specs.items() if s.prog_bar}
+        cm = self.callback_metrics()
+        return {k: float(v) for k, v in cm.items() if k in shown or k.rsplit("_", 1)[0] in shown}
+
+    def logger_names(self, stage: str) -> set[str]:
+        return {n for (st, n), s in self._specs.items() if st == stage and s.logger}
+
+    def logger_filter(self, values: dict[str, float], stage: str) -> dict[str, float]:
+        """Drop metrics logged with ``logger=False``."""
+        allowed = self.logger_names(stage)
+        return {k: v for k, v in values.items()
+                if k in allowed or k.removesuffix("_step").removesuffix("_epoch") in allowed}
+
+    # ------------------------------------------------------------------ exact resume
+    def state_dict(self) -> dict:
+        """The training epoch's running aggregates, so a mid-epoch resume reports the same epoch
+        means as an uninterrupted run."""
+        train = self._epoch.get("train", {})
+        return {"train": {n: {"total": a.total, "weight": a.weight, "reduce_fx": a.reduce_fx}
+                          for n, a in train.items() if a.total is not None},
+                "specs": {f"{st}/{n}": [s.on_step, s.on_epoch, s.prog_bar, s.logger, s.reduce_fx, s.sync_dist]
+                          for (st, n), s in self._specs.items()},
+                "finalized": dict(self._finalized)}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        accs = {}
+        for n, d in state.get("train", {}).items():
+            acc = _Accumulator(d["reduce_fx"])
+            acc.total, acc.weight = d["total"].to(device), d["weight"]
+            accs[n] = acc
+        self._epoch["train"] = accs
+        for key, fields in state.get("specs", {}).items():
+            stage, name = key.split("/", 1)
+            self._specs[(stage, name)] = MetricSpec(*fields)
+        self._finalized.update(state.get("finalized", {}))
+
+    def _reduce_step(self, value: torch.Tensor, reduce_fx: str) -> torch.Tensor:
+        if reduce_fx == "mean":
+            return self._all_reduce(value.float(), "sum") / self._world_size
+        return self._all_reduce(value.float(), reduce_fx)
+
+
+def _as_scalar_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"self.log({name!r}): expected a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}; reduce it first (e.g. .mean())")
+        return value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if hasattr(value, "item") and callable(value.item):  # numpy scalars
+            return torch.tensor(float(value.item()))
+        raise ValueError(f"self.log({name!r}): expected a number or a scalar tensor, got "
+                         f"{type(value).__name__}")
+    return torch.tensor(float(value))

@@ -1,0 +1,217 @@
+"""``Module``: the LightningModule-style base class users subclass.
+
+A Module is a plain ``torch.nn.Module`` plus hooks with no-op defaults. It holds no loop logic:
+the loop binds itself through ``_bind`` (trainer view, metric sink, optimizers) and everything a
+module asks of the run (``self.log``, ``self.global_step``, ``self.optimizers()``) goes there.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from raytrainer.utilities import AttributeDict
+
+
+class Module(nn.Module):
+    """Subclass and implement ``training_step`` and ``configure_optimizers``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Plain attributes set through object.__setattr__ so nn.Module does not register them.
+        object.__setattr__(self, "_rt_trainer", None)
+        object.__setattr__(self, "_rt_hparams", AttributeDict())
+        object.__setattr__(self, "_rt_automatic_optimization", True)
+
+    # ------------------------------------------------------------------ hyperparameters
+    def save_hyperparameters(self, *args: Any, ignore: str | list[str] | None = None) -> None:
+        """Store ``__init__`` arguments in ``self.hparams`` (and so in every checkpoint).
+
+        With no arguments, takes every argument of the calling ``__init__`` from its frame, as
+        Lightning does; with names, only those; with one dict, that dict.
+        """
+        self._rt_hparams.update(collect_init_args(self, args, ignore))
+
+    @property
+    def hparams(self) -> AttributeDict:
+        return self._rt_hparams
+
+    # ------------------------------------------------------------------ run state views
+    @property
+    def trainer(self):
+        if self._rt_trainer is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer")
+        return self._rt_trainer
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:
+        object.__setattr__(self, "_rt_trainer", trainer)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def global_step(self) -> int:
+        return self._rt_trainer.global_step if self._rt_trainer is not None else 0
+
+    @property
+    def current_epoch(self) -> int:
+        return self._rt_trainer.current_epoch if self._rt_trainer is not None else 0
+
+    @property
+    def global_rank(self) -> int:
+        return self._rt_trainer.global_rank if self._rt_trainer is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self._rt_trainer.local_rank if self._rt_trainer is not None else 0
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return self._rt_automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        object.__setattr__(self, "_rt_automatic_optimization", bool(value))
+
+    # ------------------------------------------------------------------ logging
+    def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool = True,
+            on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
+            sync_dist: bool = False, batch_size: int | None = None, **_ignored: Any) -> None:
+        """Record a scalar. Defaults follow Lightning: per step in training_step, per epoch in
+        validation/test steps and epoch-end hooks. Values stay on the device; they are read back
+        to the host only on logging steps and epoch ends."""
+        trainer = self._rt_trainer
+        if trainer is None or trainer._run is None:
+            raise RuntimeError(f"self.log({name!r}) was called outside of a Trainer run")
+        trainer._run.metrics.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step,
+                                 on_epoch=on_epoch, reduce_fx=reduce_fx, sync_dist=sync_dist,
+                                 batch_size=batch_size)
+
+    def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
+        for k, v in dictionary.items():
+            self.log(k, v, **kwargs)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """print() on global rank zero only."""
+        if self.global_rank == 0:
+            print(*args, **kwargs)
+
+    # ------------------------------------------------------------------ manual optimization
+    def optimizers(self):
+        """The optimizer(s) from configure_optimizers, wrapped so ``step()`` goes through the
+        precision plugin (GradScaler) and advances ``global_step``."""
+        opts = self.trainer._run.optimizer_handles
+        return opts[0] if len(opts) == 1 else opts
+
+    def lr_schedulers(self):
+        scheds = [c.scheduler for c in self.trainer._run.scheduler_configs]
+        if not scheds:
+            return None
+        return scheds[0] if len(scheds) == 1 else scheds
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.trainer._run.backward(loss, *args, **kwargs)
+
+    def clip_gradients(self, optimizer, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        self.trainer._run.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------ user-facing steps
+    def training_step(self, batch: Any, batch_idx: int):  # pragma: no cover - must override
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx)")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0):
+        return self(batch)
+
+    def configure_optimizers(self):  # pragma: no cover - must override
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_optimizers()")
+
+    def configure_callbacks(self):
+        return []
+
+    # ------------------------------------------------------------------ hooks (no-op defaults)
+    def prepare_data(self) -> None: ...
+    def setup(self, stage: str) -> None: ...
+    def teardown(self, stage: str) -> None: ...
+    def on_fit_start(self) -> None: ...
+    def on_fit_end(self) -> None: ...
+    def on_train_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
+    def on_train_epoch_start(self) -> None: ...
+    def on_train_epoch_end(self) -> None: ...
+    def on_train_batch_start(self, batch: Any, batch_idx: int): ...
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_start(self) -> None: ...
+    def on_validation_end(self) -> None: ...
+    def on_validation_epoch_start(self) -> None: ...
+    def on_validation_epoch_end(self) -> None: ...
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_start(self) -> None: ...
+    def on_test_end(self) -> None: ...
+    def on_test_epoch_start(self) -> None: ...
+    def on_test_epoch_end(self) -> None: ...
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_start(self) -> None: ...
+    def on_predict_end(self) -> None: ...
+    def on_predict_epoch_start(self) -> None: ...
+    def on_predict_epoch_end(self) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_before_backward(self, loss: torch.Tensor) -> None: ...
+    def on_after_backward(self) -> None: ...
+    def on_before_optimizer_step(self, optimizer) -> None: ...
+    def on_before_zero_grad(self, optimizer) -> None: ...
+    def on_save_checkpoint(self, checkpoint: dict) -> None: ...
+    def on_load_checkpoint(self, checkpoint: dict) -> None: ...
+
+
+def is_overridden(name: str, obj: Any, base: type) -> bool:
+    """True when ``obj``'s class defines ``name`` differently from ``base`` (or base lacks it)."""
+    impl = getattr(type(obj), name, None)
+    if impl is None:
+        return False
+    return impl is not getattr(base, name, None)
+
+
+def collect_init_args(obj: Any, args: tuple, ignore: str | list[str] | None) -> dict:
+    """The ``__init__`` arguments of ``obj`` read from the calling frames (see
+    ``Module.save_hyperparameters``)."""
+    ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        values = dict(args[0])
+    else:
+        # Skip this function's and save_hyperparameters' frames, then walk up through the
+        # super().__init__ chain of obj so a subclass's own arguments are seen too.
+        frame = inspect.currentframe().f_back.f_back
+        init_frames = []
+        while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
+            init_frames.append(frame)
+            frame = frame.f_back
+        values: dict = {}
+        for fr in reversed(init_frames):  # the most derived __init__ first wins
+            code = fr.f_code
+            n_named = code.co_argcount + code.co_kwonlyargcount
+            for n in code.co_varnames[1:n_named]:
+                values.setdefault(n, fr.f_locals.get(n))
+            if code.co_flags & inspect.CO_VARKEYWORDS:
+                kw_name = code.co_varnames[n_named + bool(code.co_flags & inspect.CO_VARARGS)]
+                for k, v in (fr.f_locals.get(kw_name) or {}).items():
+                    values.setdefault(k, v)
+        if args:
+            missing = [a for a in args if a not in values]
+            if missing:
+                raise ValueError(f"save_hyperparameters: {missing} are not arguments of __init__")
+            values = {a: values[a] for a in args}
+    for name in ignore:
+        values.pop(name, None)
+    return values

@@ -1,0 +1,230 @@
+"""Run: what one fit/validate/test/predict call holds while it runs.
+
+The loop (loop.py, evaluation.py) drives a Run; the Trainer's Lightning-style attributes
+(``global_step``, ``callback_metrics``, ...) read from it; the Module's ``self.log`` and manual
+optimization calls go to it. The Run never decides *when* anything happens — that is the loop's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from raytrainer import checkpoint as ckpt_io
+from raytrainer.callbacks.base import Callback
+from raytrainer.metrics import MetricCollector
+from raytrainer.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
+from raytrainer.precision import build_precision
+from raytrainer.utilities import capture_rng_state, restore_rng_state
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class Run:
+    def __init__(self, trainer, module, ctx, stage: str, datamodule=None):
+        self.trainer = trainer
+        self.module = module
+        self.ctx = ctx
+        self.cfg = trainer.cfg
+        self.stage = stage
+        self.datamodule = datamodule
+        self.device = ctx.device
+        self.metrics = MetricCollector(ctx.all_reduce, ctx.world_size)
+        self.callbacks: list[Callback] = _merge_callbacks(trainer.callbacks, module.configure_callbacks())
+        if ctx.global_rank != 0:
+            # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.
+            self.callbacks = [cb for cb in self.callbacks if not getattr(cb, "rank_zero_only", False)]
+        self.loggers = list(trainer.loggers) if ctx.global_rank == 0 else []
+        self.precision = build_precision(self.cfg.precision, self.device)
+        self.model: torch.nn.Module = module  # what forward passes go through (DDP wrapper or module)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.scheduler_configs: list[SchedulerConfig] = []
+        self.optimizer_handles: list[OptimizerHandle] = []
+        # Loop counters (saved in checkpoints).
+        self.global_step = 0
+        self.current_epoch = 0
+        self.batches_done = 0          # batches of current_epoch consumed
+        self.epoch_finished = False    # True at an epoch-end boundary
+        self.epoch_data_state: dict | None = None  # RNG at the epoch's start (mid-epoch resume)
+        self.should_stop = False
+        self.num_training_batches: float = math.inf
+        self.validated_this_boundary = False
+        self.boundary = None           # "step" | "epoch" while on_checkpoint_boundary runs
+        self.last_saved_position = None
+        self.saved_checkpoints: list[str] = []
+
+    # ------------------------------------------------------------------ hooks
+    def call(self, hook: str, *args: Any) -> Any:
+        """Module hook, then each callback's (the documented order)."""
+        fn = getattr(self.module, hook, None)
+        out = fn(*args) if fn is not None else None
+        for cb in self.callbacks:
+            getattr(cb, hook)(self.trainer, self.module, *args)
+        return out
+
+    def call_datamodule(self, hook: str, *args: Any) -> None:
+        fn = getattr(self.datamodule, hook, None) if self.datamodule is not None else None
+        if fn is not None:
+            fn(*args)
+
+    def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step)
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> None:
+        from raytrainer.module import Module
+        if not self.module.automatic_optimization and \
+                type(self.module).configure_optimizers is Module.configure_optimizers:
+            return  # manual optimization without optimizers of ours to manage
+        self.optimizers, self.scheduler_configs = parse_optimizers(self.module.configure_optimizers())
+        self.optimizer_handles = [OptimizerHandle(o, self) for o in self.optimizers]
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.call("on_before_backward", loss)
+        self.precision.backward(loss)
+        self.call("on_after_backward")
+
+    def clip_gradients(self, optimizer, clip_val=None, algorithm=None) -> None:
+        clip_val = self.cfg.gradient_clip_val if clip_val is None else clip_val
+        if not clip_val:
+            return
+        algorithm = algorithm or self.cfg.gradient_clip_algorithm
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+
+    def optimizer_step(self, optimizer) -> None:
+        """Unscale, hooks, clip, step, zero_grad: one automatic-optimization step."""
+        self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
+        self.call("on_before_optimizer_step", optimizer)
+        self.clip_gradients(optimizer)
+        self.precision.step(optimizer)
+        self.call("on_before_zero_grad", optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    def manual_optimizer_step(self, optimizer, closure=None) -> None:
+        self.precision.unscale(optimizer)
+        self.call("on_before_optimizer_step", optimizer)
+        self.precision.step(optimizer, closure)
+        self.precision.update()
+        self.global_step += 1
+
+    def step_schedulers(self, interval: str) -> None:
+        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count."""
+        count = self.global_step if interval == "step" else self.current_epoch + 1
+        for cfg in self.scheduler_configs:
+            if cfg.interval != interval or count % cfg.frequency:
+                continue
+            if cfg.is_plateau:
+                metrics = self.metrics.callback_metrics()
+                if cfg.monitor not in metrics:
+                    if not cfg.strict:
+                        continue
+                    raise KeyError(f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged; "
+                                   f"logged metrics: {sorted(metrics)}")
+                cfg.scheduler.step(float(metrics[cfg.monitor]))
+            else:
+                cfg.scheduler.step()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def position(self) -> tuple[int, bool]:
+        return self.global_step, self.epoch_finished
+
+    def checkpoint_state(self) -> dict:
+        """The full state, in Lightning's key names where Lightning has one."""
+        state = {
+            "raytrainer_format_version": CHECKPOINT_FORMAT_VERSION,
+            "state_dict": self.module.state_dict(),
+            "optimizer_states": [o.state_dict() for o in self.optimizers],
+            "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
+            "precision": self.precision.state_dict(),
+            "epoch": self.current_epoch,
+            "global_step": self.global_step,
+            "loops": {"batches_done": self.batches_done, "epoch_finished": self.epoch_finished,
+                      "epoch_data_state": self.epoch_data_state},
+            "rng": capture_rng_state(),
+            "metrics": self.metrics.state_dict(),
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
+            "loggers": [lg.state_dict() for lg in self.loggers],
+            "hyper_parameters": ckpt_io.plain_hparams(self.module.hparams),
+            "datamodule": self.datamodule.state_dict() if self.datamodule is not None else {},
+        }
+        self.call("on_save_checkpoint", state)
+        return state
+
+    def checkpoint_uri(self) -> str:
+        """Where a checkpoint of the current position goes (deterministic: step and boundary)."""
+        return ckpt_io.checkpoint_uri(self.cfg, self.global_step, self.epoch_finished)
+
+    def save_checkpoint(self) -> str:
+        """Commit the current state as ``checkpoints/step=...`` and return its URI."""
+        uri = self.checkpoint_uri()
+        if self.last_saved_position == self.position():
+            return uri
+        ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx)
+        self.last_saved_position = self.position()
+        for lg in self.loggers:
+            lg.save()
+        self.ctx.report(self.metrics_for_report(), uri)
+        return uri
+
+    def metrics_for_report(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.metrics.callback_metrics().items() if v.numel() == 1}
+        out.update(epoch=self.current_epoch, step=self.global_step)
+        return out
+
+    def restore(self, state: dict, weights_only_stage: bool = False) -> None:
+        """Load a checkpoint's state; counters and RNG only for fit (``weights_only_stage``
+        is validate/test/predict, which need the weights alone)."""
+        ckpt_io.load_module_state(self.module, state["state_dict"])
+        self.call("on_load_checkpoint", state)
+        if weights_only_stage:
+            return
+        if len(state["optimizer_states"]) != len(self.optimizers):
+            raise ValueError(f"the checkpoint has {len(state['optimizer_states'])} optimizer states but "
+                             f"configure_optimizers() returned {len(self.optimizers)} optimizers")
+        for opt, sd in zip(self.optimizers, state["optimizer_states"]):
+            opt.load_state_dict(sd)
+        for cfg, sd in zip(self.scheduler_configs, state["lr_schedulers"]):
+            cfg.scheduler.load_state_dict(sd)
+        self.precision.load_state_dict(state.get("precision", {}))
+        by_key = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key in by_key:
+                cb.load_state_dict(by_key[cb.state_key])
+        for lg, sd in zip(self.loggers, state.get("loggers", [])):
+            lg.load_state_dict(sd)
+        if self.datamodule is not None and state.get("datamodule"):
+            self.datamodule.load_state_dict(state["datamodule"])
+        self.metrics.load_state_dict(state.get("metrics", {}), self.device)
+        self.global_step = state["global_step"]
+        self.current_epoch = state["epoch"]
+        loops = state["loops"]
+        self.batches_done = loops["batches_done"]
+        self.epoch_finished = loops["epoch_finished"]
+        self.epoch_data_state = loops["epoch_data_state"]
+        self.last_saved_position = self.position()
+        if self.epoch_finished:
+            # The next epoch starts fresh: its RNG capture must see the saved state.
+            restore_rng_state(state["rng"])
+            self.current_epoch += 1
+            self.batches_done = 0
+            self.epoch_finished = False
+            self.resume_rng = None
+        else:
+            self.resume_rng = state["rng"]  # restored after the epoch's iterator is rebuilt
+
+
+def _merge_callbacks(given: list[Callback], from_module: Any) -> list[Callback]:
+    """Trainer callbacks, with those from ``configure_callbacks`` replacing same-type ones (as in
+    Lightning) and appended last."""
+    extra = list(from_module or [])
+    if not extra:
+        return list(given)
+    types = {type(cb) for cb in extra}
+    return [cb for cb in given if type(cb) not in types] + extra

@@ -1,0 +1,105 @@
+"""Small helpers shared by the package: attribute dicts, moving batches, seeding, RNG capture."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+
+class AttributeDict(dict):
+    """A dict whose keys are also attributes (``hparams.lr``), like Lightning's."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(f"hparams has no {key!r}; it has {sorted(self)}") from e
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Recursively move tensors in (nested) lists, tuples, dicts and dataclasses to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        # non_blocking only helps from pinned memory to CUDA; it is a no-op otherwise.
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, Mapping):
+        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items()) \
+            if type(batch) is not dict else {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor found in ``batch`` (1 if none): the weight of a
+    step's value in an epoch mean, as Lightning infers it."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            return infer_batch_size(v)
+    if isinstance(batch, (list, tuple)) and batch:
+        return infer_batch_size(batch[0])
+    return 1
+
+
+def seed_everything(seed: int) -> int:
+    """Seed python, numpy and torch (all devices); also exported as PL_GLOBAL_SEED-alike."""
+    os.environ["RAYTRAINER_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return seed
+
+
+def capture_rng_state() -> dict:
+    """Every RNG the loop or user code may draw from, as tensors/plain values (loadable with
+    ``torch.load(weights_only=True)``)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _python_rng_to_plain(random.getstate()),
+        "numpy": _numpy_rng_to_plain(np.random.get_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_python_rng_from_plain(state["python"]))
+    np.random.set_state(_numpy_rng_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_rng_to_plain(st: tuple) -> dict:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_rng_from_plain(d: dict) -> tuple:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+def _numpy_rng_to_plain(st: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = st
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_rng_from_plain(d: dict) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
