@@ -112,24 +112,52 @@ def _is_iterable(obj: Any) -> bool:
 
 
 class _SkippingBatchSampler:
-    """Wraps a batch sampler; the next epoch's iterator drops its first ``skip`` index batches
-    eagerly (at ``iter()``), so the sampler's RNG draw happens while the epoch-start RNG state is
-    in place."""
+    """Wraps a batch sampler; the next epoch's iterator drops its first ``skip`` index batches.
+
+    The drop must happen in the same RNG order as an uninterrupted epoch: torch's DataLoader
+    iterator calls ``iter(sampler)`` and *then* draws its base seed, while a RandomSampler draws
+    its shuffle seed lazily at the first ``next``. So the skip is lazy too, and ``prime()`` (called
+    right after the DataLoader iterator exists) performs it before anything else touches the RNG.
+    """
 
     def __init__(self, inner: Iterable):
         self.inner = inner
         self.skip = 0
+        self._pending: _SkippingIterator | None = None
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self) -> Iterator:
-        it = iter(self.inner)
         skip, self.skip = self.skip, 0
-        for _ in range(skip):
-            if next(it, None) is None:
+        if not skip:
+            return iter(self.inner)
+        self._pending = _SkippingIterator(iter(self.inner), skip)
+        return self._pending
+
+    def prime(self) -> None:
+        if self._pending is not None:
+            self._pending.prime()
+            self._pending = None
+
+
+class _SkippingIterator:
+    def __init__(self, it: Iterator, skip: int):
+        self.it, self.skip = it, skip
+
+    def prime(self) -> None:
+        for _ in range(self.skip):
+            if next(self.it, None) is None:
                 break
-        return it
+        self.skip = 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self.skip:
+            self.prime()
+        return next(self.it)
 
 
 class TrainData:
@@ -196,6 +224,7 @@ class TrainData:
         if skip_batches and self._skipper is not None:
             self._skipper.skip = skip_batches
             it = iter(self.loader)
+            self._skipper.prime()  # index batches only: no sample of them is loaded
         else:
             it = iter(self.loader)
             if skip_batches:  # not index-addressable (iterable dataset): replay and drop
