@@ -5,6 +5,8 @@ Callback, callbacks, loggers, seed_everything.
 """
 from raytrainer import callbacks, loggers
 from raytrainer.callbacks import Callback
+from raytrainer.checkpoint import CheckpointError
+from raytrainer.checkpoint import load as load_checkpoint
 from raytrainer.config import ConfigError
 from raytrainer.data import DataModule, RayDataLoader
 from raytrainer.module import Module
@@ -16,5 +18,6 @@ LightningModule = Module          # so a Lightning module needs only its import 
 LightningDataModule = DataModule
 
 __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
-           "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError"]
+           "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
+           "load_checkpoint", "CheckpointError"]
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
 A checkpoint is a folder ``{storage_path}/{name}/checkpoints/step=000001234[-epoch_end]/``::
 
     model.pt      the module's state_dict
-    state.pt      everything else: optimizers, schedulers, GradScaler, loop counters, RNG states,
-                  data position, callbacks, loggers, metric aggregates, hparams, format version
+    state.pt      everything else: optimizers, schedulers, GradScaler, loop counters, data
+                  position, callbacks, loggers, metric aggregates, hparams, format version
+    rank-NNNNN.pt each rank's RNG states (python, numpy, torch, CUDA) and its epoch-start RNG
     COMMIT.json   written last: sha256 and size of every file above. Without it the folder is not
                   a checkpoint (a save that died half-way); with it, every load verifies hashes.
 
@@ -51,28 +52,47 @@ def serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None) -> None:
-    """Write ``state`` to ``uri`` and commit it. Raises if any write fails (nothing committed)."""
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None, meta: dict | None = None) -> None:
+    """Write ``state`` to ``uri`` and commit it; every rank calls this.
+
+    ``state["rank_state"]`` (RNG states, the epoch's data RNG) differs per rank: each rank writes
+    its own ``rank-NNNNN.pt``. Rank 0 writes the shared files, gathers every rank's hashes, and
+    writes the marker last. A failure anywhere raises before the marker: nothing is committed.
+    """
     state = dict(state)
-    payloads = {MODEL_FILE: serialize(state.pop("state_dict")), STATE_FILE: serialize(state)}
-    write_payloads(uri, payloads, storage_options,
-                   meta={"global_step": state.get("global_step"), "epoch": state.get("epoch")})
-
-
-def write_payloads(uri: str, payloads: dict[str, bytes], storage_options: Mapping | None,
-                   meta: dict) -> None:
+    rank_state = state.pop("rank_state")
+    rank = ctx.global_rank if ctx is not None else 0
     fs, path = storage.filesystem(uri, storage_options)
-    if fs.exists(f"{path}/{COMMIT_FILE}"):
-        # Re-committing over a committed folder would leave a window where it is half-written;
-        # uncommit first, so readers skip it until the new marker lands.
-        fs.rm(f"{path}/{COMMIT_FILE}")
-    fs.makedirs(path, exist_ok=True)
-    files = {}
-    for name, data in payloads.items():
-        fs.pipe_file(f"{path}/{name}", data)
-        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    marker = {"format_version": 1, "files": files, "created": time.time(), **meta}
-    _write_marker(fs, path, json.dumps(marker, indent=1).encode())
+    if rank == 0:
+        if fs.exists(f"{path}/{COMMIT_FILE}"):
+            # Re-committing over a committed folder would leave a window where it is half-written;
+            # uncommit first, so readers skip it until the new marker lands.
+            fs.rm(f"{path}/{COMMIT_FILE}")
+        fs.makedirs(path, exist_ok=True)
+    if ctx is not None:
+        ctx.barrier()
+    files = dict(_write(fs, path, rank_file(rank), serialize(rank_state)))
+    if rank == 0:
+        files.update(_write(fs, path, MODEL_FILE, serialize(state.pop("state_dict"))))
+        files.update(_write(fs, path, STATE_FILE, serialize(state)))
+    gathered = ctx.all_gather_object(files) if ctx is not None else [files]
+    if rank == 0:
+        for f in gathered:
+            files.update(f)
+        marker = {"format_version": 1, "files": files, "created": time.time(),
+                  "global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
+        _write_marker(fs, path, json.dumps(marker, indent=1).encode())
+    if ctx is not None:
+        ctx.barrier()  # no rank runs ahead of a commit it may need to resume from
+
+
+def _write(fs, path: str, name: str, data: bytes) -> dict:
+    fs.pipe_file(f"{path}/{name}", data)
+    return {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
 
 
 def _write_marker(fs, path: str, data: bytes) -> None:
@@ -118,6 +138,8 @@ def load(uri: str, storage_options: Mapping | None = None) -> dict:
         blobs[name] = data
     state = _torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
     state["state_dict"] = _torch_load(blobs[MODEL_FILE], f"{uri}/{MODEL_FILE}")
+    state["rank_states"] = {int(name[5:10]): _torch_load(data, f"{uri}/{name}")
+                            for name, data in blobs.items() if name.startswith("rank-")}
     return state
 
 
@@ -146,8 +168,11 @@ def list_committed(cfg_or_root, storage_options: Mapping | None = None) -> list[
     return [uri for _, _, uri in sorted(found)]
 
 
-def latest_committed(cfg, storage_options: Mapping | None = None) -> str | None:
+def latest_committed(cfg, storage_options: Mapping | None = None, fit_token: str | None = None) -> str | None:
+    """The newest committed checkpoint of the run (of one ``fit`` call, given its token)."""
     found = list_committed(cfg, storage_options)
+    if fit_token is not None:
+        found = [u for u in found if (read_marker(u, storage_options) or {}).get("fit_token") == fit_token]
     return found[-1] if found else None
 
 

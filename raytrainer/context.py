@@ -25,11 +25,13 @@ class RunContext(Protocol):
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
 
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         """Tell the runtime about progress: called at validations and checkpoint commits."""
 
     def latest_checkpoint(self) -> str | None:
-        """A checkpoint the runtime wants the run resumed from (after a restart), or None."""
+        """A checkpoint to resume from regardless of ``ckpt_path`` (after a restart), or None."""
 
 
 class LocalContext:
@@ -51,6 +53,9 @@ class LocalContext:
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         pass

@@ -64,7 +64,7 @@ class RayDataLoader:
 
     def __init__(self, dataset: Any, batch_size: int = 32, shuffle: bool = False,
                  local_shuffle_buffer_size: int | None = None, drop_last: bool = False,
-                 prefetch_batches: int = 1, collate_fn: Any = None):
+                 prefetch_batches: int = 1, collate_fn: Any = None, dtypes: Any = None):
         if not hasattr(dataset, "iter_torch_batches"):
             raise TypeError(f"RayDataLoader needs a ray.data.Dataset, got {type(dataset).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -76,6 +76,7 @@ class RayDataLoader:
         self.drop_last = drop_last
         self.prefetch_batches = prefetch_batches
         self.collate_fn = collate_fn
+        self.dtypes = dtypes  # e.g. torch.float32 or {"x": torch.float32}: Ray keeps float64 otherwise
 
 
 def resolve_loaders(stage: str, explicit: Any, datamodule: Any, module: Any) -> list | None:

@@ -50,8 +50,9 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
         run.call(f"on_{hook}_epoch_end")
         values = run.metrics.logger_filter(run.metrics.end_epoch(stage), stage)
         if values:
-            run.metrics.logged_metrics.update(values)
-            run.log_to_loggers(values, run.global_step)
+            logged = {**values, "epoch": float(run.current_epoch)}  # as every logged row (Lightning)
+            run.metrics.logged_metrics.update(logged)
+            run.log_to_loggers(logged, run.global_step)
         run.call(f"on_{hook}_end")
     finally:
         run.metrics.stage = previous_stage

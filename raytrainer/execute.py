@@ -112,10 +112,12 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
 
 def resolve_checkpoint(ckpt_path, cfg, ctx) -> str | None:
     """``None`` | ``"last"`` | ``"best"`` | a URI -> a committed checkpoint URI (or None)."""
-    if ctx.latest_checkpoint() is not None:
-        # A restart after a failure: our newest *committed* checkpoint may be newer than the one
-        # the runtime registered (a report in flight when the worker died is lost).
-        return ckpt_io.latest_committed(cfg, cfg.storage_options) or ctx.latest_checkpoint()
+    restart = ctx.latest_checkpoint()
+    if restart is not None:
+        # Workers restarted after a failure resume from the newest checkpoint this fit committed
+        # (found in storage, never from the runtime's registry: a report in flight when a worker
+        # died may never have been registered).
+        return restart
     if ckpt_path is None:
         return None
     if ckpt_path == "last":

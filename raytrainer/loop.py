@@ -76,7 +76,11 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
             pending = None  # fetched at the bottom of the loop, after this step
         batch = move_to_device(batch, run.device)
         run.metrics.batch_size = infer_batch_size(batch)
+        # self.log defaults to per-step values from on_train_batch_start to on_train_batch_end
+        # (training_step and the backward/optimizer hooks), per-epoch values elsewhere.
+        run.metrics.in_step = True
         if run.call("on_train_batch_start", batch, batch_idx) == -1:
+            run.metrics.in_step = False
             return True  # the module ended the epoch early (Lightning's -1): on to epoch end
         run.batches_done = batch_idx + 1
         steps_before = run.global_step
@@ -96,6 +100,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
             outputs = _manual_step(run, batch, batch_idx)
             window_done = True
         run.call("on_train_batch_end", outputs, batch, batch_idx)
+        run.metrics.in_step = False
 
         if run.global_step != steps_before and run.global_step % cfg.log_every_n_steps == 0:
             # The only per-step host sync, and only every log_every_n_steps steps.
@@ -119,8 +124,14 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
 
 def _end_epoch(run) -> None:
     """Epoch end: hooks, epoch aggregates to the loggers, epoch schedulers, boundary."""
-    run.call("on_train_epoch_end")
-    values = run.metrics.logger_filter(run.metrics.end_epoch("train"), "train")
+    # The epoch's aggregates are reduced between the module's hook and the callbacks', so callbacks
+    # (EarlyStopping without validation) see this epoch's values, including those the module logs
+    # in its own on_train_epoch_end, as in Lightning; what callbacks log is reduced after them.
+    run.call_module("on_train_epoch_end")
+    values = run.metrics.end_epoch("train")
+    run.call_callbacks("on_train_epoch_end")
+    values.update(run.metrics.end_epoch("train"))
+    values = run.metrics.logger_filter(values, "train")
     if values:
         values["epoch"] = float(run.current_epoch)
         run.metrics.logged_metrics.update(values)

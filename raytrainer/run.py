@@ -35,7 +35,7 @@ class Run:
         if ctx.global_rank != 0:
             # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.
             self.callbacks = [cb for cb in self.callbacks if not getattr(cb, "rank_zero_only", False)]
-        self.loggers = list(trainer.loggers) if ctx.global_rank == 0 else []
+        self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
         self.precision = build_precision(self.cfg.precision, self.device)
         self.model: torch.nn.Module = module  # what forward passes go through (DDP wrapper or module)
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -57,11 +57,17 @@ class Run:
     # ------------------------------------------------------------------ hooks
     def call(self, hook: str, *args: Any) -> Any:
         """Module hook, then each callback's (the documented order)."""
+        out = self.call_module(hook, *args)
+        self.call_callbacks(hook, *args)
+        return out
+
+    def call_module(self, hook: str, *args: Any) -> Any:
         fn = getattr(self.module, hook, None)
-        out = fn(*args) if fn is not None else None
+        return fn(*args) if fn is not None else None
+
+    def call_callbacks(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self.trainer, self.module, *args)
-        return out
 
     def call_datamodule(self, hook: str, *args: Any) -> None:
         fn = getattr(self.datamodule, hook, None) if self.datamodule is not None else None
@@ -76,6 +82,15 @@ class Run:
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> None:
         from raytrainer.module import Module
+        if not self.module.automatic_optimization:
+            # The loop never clips or accumulates for a module that steps its own optimizers:
+            # refuse the arguments instead of silently ignoring them (as Lightning does).
+            for arg, off in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
+                if getattr(self.cfg, arg) != off:
+                    raise ValueError(f"Trainer({arg}={getattr(self.cfg, arg)!r}) is not supported with "
+                                     f"manual optimization ({type(self.module).__name__}."
+                                     "automatic_optimization = False): call self.clip_gradients(...) "
+                                     "or accumulate in training_step instead")
         if not self.module.automatic_optimization and \
                 type(self.module).configure_optimizers is Module.configure_optimizers:
             return  # manual optimization without optimizers of ours to manage
@@ -115,7 +130,10 @@ class Run:
         self.global_step += 1
 
     def step_schedulers(self, interval: str) -> None:
-        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count."""
+        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
+        In manual optimization the module steps its schedulers itself (as in Lightning)."""
+        if not self.module.automatic_optimization:
+            return
         count = self.global_step if interval == "step" else self.current_epoch + 1
         for cfg in self.scheduler_configs:
             if cfg.interval != interval or count % cfg.frequency:
@@ -145,9 +163,8 @@ class Run:
             "precision": self.precision.state_dict(),
             "epoch": self.current_epoch,
             "global_step": self.global_step,
-            "loops": {"batches_done": self.batches_done, "epoch_finished": self.epoch_finished,
-                      "epoch_data_state": self.epoch_data_state},
-            "rng": capture_rng_state(),
+            "loops": {"batches_done": self.batches_done, "epoch_finished": self.epoch_finished},
+            "rank_state": {"rng": capture_rng_state(), "epoch_data_state": self.epoch_data_state},
             "metrics": self.metrics.state_dict(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
             "loggers": [lg.state_dict() for lg in self.loggers],
@@ -166,7 +183,8 @@ class Run:
         uri = self.checkpoint_uri()
         if self.last_saved_position == self.position():
             return uri
-        ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx)
+        ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx,
+                     meta={"fit_token": getattr(self.ctx, "fit_token", None)})
         self.last_saved_position = self.position()
         for lg in self.loggers:
             lg.save()
@@ -207,17 +225,20 @@ class Run:
         loops = state["loops"]
         self.batches_done = loops["batches_done"]
         self.epoch_finished = loops["epoch_finished"]
-        self.epoch_data_state = loops["epoch_data_state"]
+        rank_states = state["rank_states"]
+        # Each rank resumes its own RNG streams; with a different world size, rank 0's.
+        rank_state = rank_states.get(self.ctx.global_rank, rank_states.get(0))
+        self.epoch_data_state = rank_state["epoch_data_state"]
         self.last_saved_position = self.position()
         if self.epoch_finished:
             # The next epoch starts fresh: its RNG capture must see the saved state.
-            restore_rng_state(state["rng"])
+            restore_rng_state(rank_state["rng"])
             self.current_epoch += 1
             self.batches_done = 0
             self.epoch_finished = False
             self.resume_rng = None
         else:
-            self.resume_rng = state["rng"]  # restored after the epoch's iterator is rebuilt
+            self.resume_rng = rank_state["rng"]  # restored after the epoch's iterator is rebuilt
 
 
 def _merge_callbacks(given: list[Callback], from_module: Any) -> list[Callback]:

@@ -39,3 +39,18 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def ray_storage(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """(storage_path, storage_filesystem) for Ray's ``RunConfig``.
+
+    Local paths pass through. Remote URIs become a pyarrow filesystem wrapping the same fsspec
+    filesystem raytrainer writes with, and a path *without* the scheme (Ray's controller fails
+    on ``s3://`` together with a filesystem object, RAY_NOTES.md). The filesystem object is
+    pickled to Ray's controller and workers; it carries credentials only if the user passed
+    them in ``storage_options`` (otherwise each process reads the standard AWS sources)."""
+    if not is_remote(uri):
+        return normalize(uri.removeprefix("file://")), None
+    import pyarrow.fs
+    fs, path = filesystem(uri, storage_options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

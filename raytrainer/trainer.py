@@ -36,8 +36,9 @@ class Trainer:
             logger = False
         self.cfg = cfg.replace(storage_path=storage.normalize(cfg.storage_path))
         self.callbacks = self._build_callbacks(callbacks)
-        self.loggers = _build_loggers(logger)
+        self._loggers = _build_loggers(logger)
         self._run = None
+        self._last_out: dict = {}
         self._should_stop = False
 
     def _build_callbacks(self, callbacks) -> list[Callback]:
@@ -79,7 +80,7 @@ class Trainer:
             best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
             last_checkpoint=((ckpt.last_model_path or None) if ckpt and ckpt.save_last else None)
             or (checkpoints[-1] if checkpoints else None),
-            log_dir=self.log_dir, checkpoints=checkpoints)
+            log_dir=out.get("log_dir") or self.log_dir, checkpoints=checkpoints)
 
     def validate(self, model: Module | None = None, dataloaders=None, ckpt_path: str | None = None,
                  datamodule: DataModule | None = None, verbose: bool = True) -> list[dict[str, float]]:
@@ -133,7 +134,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ Lightning's attributes
     def _run_attr(self, name: str, default: Any) -> Any:
-        return getattr(self._run, name) if self._run is not None else default
+        if self._run is not None:
+            return getattr(self._run, name)
+        return self._last_out.get(name, default)  # after a run in Ray workers
 
     global_step = property(lambda self: self._run_attr("global_step", 0))
     current_epoch = property(lambda self: self._run_attr("current_epoch", 0))
@@ -169,7 +172,10 @@ class Trainer:
 
     @property
     def callback_metrics(self) -> dict:
-        return self._run.metrics.callback_metrics() if self._run is not None else {}
+        if self._run is not None:
+            return self._run.metrics.callback_metrics()
+        import torch
+        return {k: torch.tensor(v) for k, v in self._last_out.get("metrics", {}).items()}
 
     @property
     def logged_metrics(self) -> dict[str, float]:
@@ -193,6 +199,11 @@ class Trainer:
     def early_stopping_callback(self) -> EarlyStopping | None:
         cbs = self._run.callbacks if self._run is not None else self.callbacks
         return next((c for c in cbs if isinstance(c, EarlyStopping)), None)
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """During a run, the run's loggers: empty off global rank 0 (rank zero by construction)."""
+        return self._run.loggers if self._run is not None else self._loggers
 
     @property
     def logger(self) -> Logger | None:

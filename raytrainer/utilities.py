@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from typing import Any, Mapping
 
@@ -57,8 +56,7 @@ def infer_batch_size(batch: Any) -> int:
 
 
 def seed_everything(seed: int) -> int:
-    """Seed python, numpy and torch (all devices); also exported as PL_GLOBAL_SEED-alike."""
-    os.environ["RAYTRAINER_GLOBAL_SEED"] = str(seed)
+    """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

@@ -21,10 +21,11 @@ logs anything). Loggers and the progress bar exist only on global rank 0.
                 step-interval schedulers
             on_train_batch_end(outputs, batch, batch_idx)
             loggers.log_metrics                            every log_every_n_steps steps
-            [validation]                                   at val_check_interval
+            [validation]                                   at val_check_interval; the epoch's
+                                                           validation runs here, after its last batch
             on_checkpoint_boundary                         ModelCheckpoint saves here
-        [validation]                                       at the epoch's end, if due
-        on_train_epoch_end; loggers.log_metrics(epoch aggregates)
+        on_train_epoch_end                                 module, epoch aggregates reduced, callbacks
+        loggers.log_metrics(epoch aggregates)
         epoch-interval schedulers
         on_checkpoint_boundary
     on_train_end

@@ -1,0 +1,264 @@
+"""launcher="ray": run ``execute`` in Ray Train workers (a TorchTrainer).
+
+Embedded local Ray when none is running and ``RAY_ADDRESS`` is unset; the cluster otherwise (as
+under ``ray job submit``). Fast defaults (RAY_NOTES.md): the controller polls workers every 0.1 s
+instead of 2 s, and Ray's print patch (each worker line twice) is off.
+
+Driver <-> workers: the job (trainer, module, data) goes to the object store once; rank 0 sends
+the final weights and results back through a small mailbox actor, and every rank sends its
+exception there before it dies, so the driver re-raises the user's own exception type.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+import uuid
+from typing import Any
+
+import ray
+
+from raytrainer import storage
+from raytrainer.config import ConfigError
+from raytrainer.data import RayDataLoader, resolve_loaders
+from raytrainer.execute import execute
+from raytrainer.launch import print_resolved
+
+FAST_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def ensure_ray() -> bool:
+    """Connect to a running Ray (RAY_ADDRESS) or start an embedded one; True if we started it."""
+    for key, value in FAST_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # read by ray.init and passed on to controller/workers
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # One node, nothing to preempt: the watcher only adds an alarming log line.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The dashboard hosts the state API, which Ray Train's placement-group cleaner (and Tune's)
+    # needs to release the resources of a run whose controller died.
+    ray.init(address=address, include_dashboard=None if address else True,
+             logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        from ray.data import DataContext
+        DataContext.get_current().enable_progress_bars = False
+    except Exception:  # pragma: no cover - ray.data is optional for Train
+        pass
+    return address is None
+
+
+@ray.remote(num_cpus=0)
+class _Mailbox:
+    def __init__(self):
+        self.items: dict[str, Any] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        self.items.setdefault(key, value)
+
+    def get_all(self) -> dict[str, Any]:
+        return self.items
+
+
+class _RayShard:
+    """Placeholder for a RayDataLoader whose dataset was handed to Ray Train as ``name``."""
+
+    def __init__(self, name: str, loader: RayDataLoader):
+        self.name = name
+        self.options = {k: v for k, v in vars(loader).items() if k not in ("dataset", "shuffle")}
+
+
+class RayShardLoader:
+    """This worker's shard of a Ray Dataset; iterating it gives one epoch of dict batches."""
+
+    def __init__(self, shard_name: str, options: dict):
+        self.shard = ray.train.get_dataset_shard(shard_name)
+        self.options = options
+
+    def __iter__(self):
+        o = self.options
+        return iter(self.shard.iter_torch_batches(
+            batch_size=o["batch_size"], prefetch_batches=o["prefetch_batches"],
+            local_shuffle_buffer_size=o["local_shuffle_buffer_size"], drop_last=o["drop_last"],
+            collate_fn=o["collate_fn"], dtypes=o["dtypes"]))
+
+
+def _split_ray_datasets(stage: str, trainer, module, datamodule, loaders: dict) -> tuple[dict, dict]:
+    """Move Ray Datasets out of the job (they go to Ray Train, which shards them) and leave
+    placeholders the workers turn back into loaders."""
+    datasets, out = {}, dict(loaders)
+    kinds = ["train", "val"] if stage == "fit" else [k for k in loaders]
+    for kind in kinds:
+        given = loaders.get(kind)
+        if given is None and datamodule is not None and _datamodule_may_return_ray(datamodule, kind):
+            # The datamodule builds its Ray Datasets here on the driver (Ray Train must own them).
+            given = resolve_loaders(kind, None, datamodule, None)
+        items = given if isinstance(given, (list, tuple)) else ([given] if given is not None else [])
+        if not any(isinstance(x, RayDataLoader) for x in items):
+            continue
+        placeholders = []
+        for i, item in enumerate(items):
+            if isinstance(item, RayDataLoader):
+                name = kind if i == 0 else f"{kind}_{i}"
+                ds = item.dataset.random_shuffle() if item.shuffle and kind == "train" else item.dataset
+                datasets[name] = ds
+                placeholders.append(_RayShard(name, item))
+            else:
+                placeholders.append(item)
+        out[kind] = placeholders
+    return datasets, out
+
+
+def _datamodule_may_return_ray(datamodule, kind: str) -> bool:
+    return bool(getattr(datamodule, "ray_datasets", False)) and callable(getattr(datamodule, f"{kind}_dataloader", None))
+
+
+def _materialize(loaders: dict) -> dict:
+    def one(x):
+        return RayShardLoader(x.name, x.options) if isinstance(x, _RayShard) else x
+    return {k: ([one(x) for x in v] if isinstance(v, list) else one(v)) for k, v in loaders.items()}
+
+
+def _train_fn(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    from raytrainer.ray_context import RayTrainContext
+    # Ray 2.60 logs every report at INFO through a logger named by its file path, which
+    # LoggingConfig(log_level=...) does not reach; quiet that one logger.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    job = ray.get(config["job"])
+    mailbox = config["mailbox"]
+    trainer, module = job["trainer"], job["module"]
+    ctx = RayTrainContext(job["use_gpu"], job["fit_token"], trainer.cfg)
+    try:
+        out = execute(trainer, job["stage"], module, job["datamodule"], _materialize(job["loaders"]),
+                      job["ckpt_path"], ctx)
+    except BaseException as e:
+        ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", _pack_error(e, ctx.global_rank)))
+        raise
+    if ctx.global_rank == 0:
+        if job["stage"] == "fit":
+            out["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        out["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer._run.callbacks}
+        out["log_dir"] = trainer.log_dir
+        ray.get(mailbox.put.remote("result", out))
+
+
+def _pack_error(e: BaseException, rank: int) -> dict:
+    import cloudpickle
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        blob = cloudpickle.dumps(e)
+    except Exception:
+        blob = None
+    return {"blob": blob, "type": type(e).__name__, "message": str(e), "traceback": tb, "rank": rank,
+            "time": time.time()}
+
+
+def _unpack_error(err: dict) -> BaseException:
+    import cloudpickle
+    exc = None
+    if err["blob"] is not None:
+        try:
+            exc = cloudpickle.loads(err["blob"])
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(f"{err['type']}: {err['message']}")
+    note = f"raised in Ray Train worker rank {err['rank']}; its traceback:\n{err['traceback']}"
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    return exc
+
+
+def _resources(cfg, use_gpu: bool, num_workers: int, has_datasets: bool) -> dict:
+    if cfg.resources_per_worker is not None:
+        res = dict(cfg.resources_per_worker)
+    else:
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        # Leave a CPU for Ray Data's read tasks: with every CPU given to workers a lazy
+        # read_parquet deadlocks (RAY_NOTES.md).
+        spare = 1 if has_datasets else 0
+        cpu = min(1.0, max(0.1, (total_cpus - spare) / num_workers))
+        res = {"CPU": round(cpu, 2)}
+    if use_gpu:
+        res.setdefault("GPU", 1)
+    return res
+
+
+def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) -> dict:
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = trainer.cfg
+    ensure_ray()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if cfg.accelerator == "gpu" and gpus == 0:
+        raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
+    use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and gpus > 0)
+    num_workers = cfg.devices if cfg.devices != "auto" else (gpus if use_gpu else 1)
+    if stage == "predict":
+        num_workers = 1  # predictions come back in order from one worker
+    datasets, loaders = _split_ray_datasets(stage, trainer, module, datamodule, loaders)
+    per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
+    print_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "
+                                   f"resources_per_worker={per_worker} ray_poll_s="
+                                   f"{os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
+    fit_token = uuid.uuid4().hex
+    job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
+           "ckpt_path": ckpt_path, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token}
+    mailbox = _Mailbox.remote()
+    ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
+    # On a local cluster, workers import the driver's modules (scripts, tests, notebooks) from
+    # the driver's path; under `ray job submit` the job's working_dir provides them instead.
+    worker_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
+    torch_trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"job": ray.put(job), "mailbox": mailbox},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name="_ray", storage_path=ray_storage, storage_filesystem=ray_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=3),
+                             worker_runtime_env=worker_env,
+                             logging_config=LoggingConfig(log_level="WARNING")),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n.startswith("train")]) if datasets else None,
+    )
+    try:
+        torch_trainer.fit()
+    except Exception:
+        errors = ray.get(mailbox.get_all.remote())
+        worker_errors = sorted((v for k, v in errors.items() if k.startswith("error/")), key=lambda e: e["time"])
+        if worker_errors:
+            # The first error raised is the cause; the others are ranks losing their peers.
+            raise _unpack_error(worker_errors[0]) from None
+        raise
+    finally:
+        items = ray.get(mailbox.get_all.remote())
+        ray.kill(mailbox)
+    out = items["result"]
+    if stage == "fit":
+        module.load_state_dict(out.pop("state_dict"))
+    for cb in trainer.callbacks:  # the driver's callbacks learn what the workers' did
+        if cb.state_key in out["callbacks"]:
+            cb.load_state_dict(out["callbacks"][cb.state_key])
+    trainer._last_out = out
+    return out
+
+
+def _driver_pythonpath() -> str:
+    """The driver's import path for embedded-Ray workers, so modules defined in scripts, tests or
+    notebooks next to the driver import there too."""
+    paths = [p for p in sys.path if p and os.path.isdir(p) and "site-packages" not in p
+             and not p.startswith(sys.base_prefix)]
+    cwd = os.getcwd()
+    if cwd not in paths:
+        paths.insert(0, cwd)
+    extra = os.environ.get("PYTHONPATH")
+    return os.pathsep.join(paths + ([extra] if extra else []))
