@@ -22,11 +22,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python examples/digits.py
 
+# pytest's exit 5 means "no tests collected": not a failure of the suite itself.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider || [ $$? -eq 5 ]
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not ray"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not ray" || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"

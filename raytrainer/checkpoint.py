@@ -56,38 +56,56 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None, meta: dict | None = None) -> None:
+def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None, meta: dict | None = None,
+         writer=None, after_commit: list | None = None) -> None:
     """Write ``state`` to ``uri`` and commit it; every rank calls this.
 
     ``state["rank_state"]`` (RNG states, the epoch's data RNG) differs per rank: each rank writes
-    its own ``rank-NNNNN.pt``. Rank 0 writes the shared files, gathers every rank's hashes, and
-    writes the marker last. A failure anywhere raises before the marker: nothing is committed.
+    its own small ``rank-NNNNN.pt`` right away and the ranks exchange hashes. Rank 0 snapshots the
+    shared state to bytes and commits it — in the background when ``writer`` is asynchronous —
+    writing the marker last and then running ``after_commit``. A failure anywhere raises before
+    the marker: nothing half-written is ever committed.
     """
+    from raytrainer.checkpoint_writer import CheckpointWriter, RetryPolicy, with_retries
+    writer = writer or CheckpointWriter(asynchronous=False)
     state = dict(state)
     rank_state = state.pop("rank_state")
     rank = ctx.global_rank if ctx is not None else 0
     fs, path = storage.filesystem(uri, storage_options)
     if rank == 0:
-        if fs.exists(f"{path}/{COMMIT_FILE}"):
-            # Re-committing over a committed folder would leave a window where it is half-written;
-            # uncommit first, so readers skip it until the new marker lands.
-            fs.rm(f"{path}/{COMMIT_FILE}")
-        fs.makedirs(path, exist_ok=True)
+        with_retries(lambda: _prepare_folder(fs, path), writer.policy, f"preparing checkpoint {uri}")
     if ctx is not None:
         ctx.barrier()
-    files = dict(_write(fs, path, rank_file(rank), serialize(rank_state)))
-    if rank == 0:
-        files.update(_write(fs, path, MODEL_FILE, serialize(state.pop("state_dict"))))
-        files.update(_write(fs, path, STATE_FILE, serialize(state)))
+    files: dict = {}
+    rank_blob = serialize(rank_state)
+    with_retries(lambda: files.update(_write(fs, path, rank_file(rank), rank_blob)), writer.policy,
+                 f"writing {uri}/{rank_file(rank)}")
     gathered = ctx.all_gather_object(files) if ctx is not None else [files]
-    if rank == 0:
-        for f in gathered:
-            files.update(f)
-        marker = {"format_version": 1, "files": files, "created": time.time(),
-                  "global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
+    if rank != 0:
+        return
+    for f in gathered:
+        files.update(f)
+    # The snapshot: after these two lines training may change the model freely.
+    model_blob = serialize(state.pop("state_dict"))
+    state_blob = serialize(state)
+    marker_meta = {"global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
+
+    def commit() -> None:
+        written = dict(files)
+        written.update(_write(fs, path, MODEL_FILE, model_blob))
+        written.update(_write(fs, path, STATE_FILE, state_blob))
+        marker = {"format_version": 1, "files": written, "created": time.time(), **marker_meta}
         _write_marker(fs, path, json.dumps(marker, indent=1).encode())
-    if ctx is not None:
-        ctx.barrier()  # no rank runs ahead of a commit it may need to resume from
+
+    writer.submit(commit, list(after_commit or []), f"checkpoint {uri}")
+
+
+def _prepare_folder(fs, path: str) -> None:
+    if fs.exists(f"{path}/{COMMIT_FILE}"):
+        # Re-committing over a committed folder would leave a window where it is half-written;
+        # uncommit first, so readers skip it until the new marker lands.
+        fs.rm(f"{path}/{COMMIT_FILE}")
+    fs.makedirs(path, exist_ok=True)
 
 
 def _write(fs, path: str, name: str, data: bytes) -> dict:

@@ -46,6 +46,7 @@ class TrainerConfig:
     fast_dev_run: int = 0
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
+    async_checkpoint: bool = True
     seed: int | None = None
     deterministic: bool = False
     storage_path: str = DEFAULT_STORAGE_PATH
@@ -150,7 +151,7 @@ def build_config(**kw: Any) -> TrainerConfig:
     else:
         fdr = _int("fast_dev_run", fdr, 0, "expected a bool or an int >= 0 (batches per stage)")
 
-    for arg in ("enable_progress_bar", "enable_checkpointing", "deterministic"):
+    for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic"):
         if not isinstance(kw.get(arg, True), bool):
             raise _fail(arg, kw[arg], "expected True or False")
     seed = kw.get("seed")
@@ -201,7 +202,8 @@ def build_config(**kw: Any) -> TrainerConfig:
         limit_test_batches=_limit("limit_test_batches", kw.get("limit_test_batches")),
         limit_predict_batches=_limit("limit_predict_batches", kw.get("limit_predict_batches")),
         fast_dev_run=fdr, enable_progress_bar=kw.get("enable_progress_bar", True),
-        enable_checkpointing=kw.get("enable_checkpointing", True), seed=seed,
+        enable_checkpointing=kw.get("enable_checkpointing", True),
+        async_checkpoint=kw.get("async_checkpoint", True), seed=seed,
         deterministic=kw.get("deterministic", False), storage_path=storage_path,
         storage_options=dict(storage_options), name=name, launcher=launcher,
         max_failures=max_failures, resources_per_worker=rpw,

@@ -33,6 +33,10 @@ def execute(trainer, stage: str, module, datamodule, loaders: dict[str, Any], ck
     try:
         return _execute(run, stage, module, datamodule, loaders, ckpt_path, ctx)
     except BaseException as e:
+        try:  # checkpoints already snapshotted still commit: a crash loses only later steps
+            run.writer.wait()
+        except Exception as upload_error:
+            print(f"[raytrainer] also failed to commit a checkpoint: {upload_error}", flush=True)
         for cb in run.callbacks:
             cb.on_exception(trainer, module, e)
         for lg in run.loggers:
@@ -93,6 +97,7 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
             lg.log_hyperparams(dict(module.hparams))
         train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0)
         fit_loop(run, train, val_loaders)
+        run.writer.wait()  # every checkpoint committed (or its failure raised) before fit returns
         out = {"stage": stage, "metrics": _floats(run.metrics.callback_metrics())}
     else:
         eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank) for dl in main]

@@ -13,6 +13,7 @@ import torch
 
 from raytrainer import checkpoint as ckpt_io
 from raytrainer.callbacks.base import Callback
+from raytrainer.checkpoint_writer import CheckpointWriter
 from raytrainer.metrics import MetricCollector
 from raytrainer.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
 from raytrainer.precision import build_precision
@@ -37,6 +38,7 @@ class Run:
             self.callbacks = [cb for cb in self.callbacks if not getattr(cb, "rank_zero_only", False)]
         self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
         self.precision = build_precision(self.cfg.precision, self.device)
+        self.writer = CheckpointWriter(asynchronous=self.cfg.async_checkpoint)
         self.model: torch.nn.Module = module  # what forward passes go through (DDP wrapper or module)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scheduler_configs: list[SchedulerConfig] = []
@@ -178,13 +180,16 @@ class Run:
         """Where a checkpoint of the current position goes (deterministic: step and boundary)."""
         return ckpt_io.checkpoint_uri(self.cfg, self.global_step, self.epoch_finished)
 
-    def save_checkpoint(self) -> str:
-        """Commit the current state as ``checkpoints/step=...`` and return its URI."""
+    def save_checkpoint(self, after_commit: list | None = None) -> str:
+        """Snapshot the current state as ``checkpoints/step=...`` and return its URI. The commit
+        completes in the background (``Trainer(async_checkpoint=True)``); ``after_commit`` runs
+        once it has."""
         uri = self.checkpoint_uri()
         if self.last_saved_position == self.position():
             return uri
         ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx,
-                     meta={"fit_token": getattr(self.ctx, "fit_token", None)})
+                     meta={"fit_token": getattr(self.ctx, "fit_token", None)},
+                     writer=self.writer, after_commit=after_commit)
         self.last_saved_position = self.position()
         for lg in self.loggers:
             lg.save()

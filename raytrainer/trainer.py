@@ -23,6 +23,7 @@ class Trainer:
                  limit_test_batches=None, limit_predict_batches=None, fast_dev_run: bool | int = False,
                  callbacks: list[Callback] | Callback | None = None, logger: Any = True,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
+                 async_checkpoint: bool = True,
                  seed: int | None = None, deterministic: bool = False, storage_path: str | None = None,
                  storage_options: dict | None = None, name: str | None = None, launcher: str = "ray",
                  max_failures: int = 0, resources_per_worker: dict | None = None):
@@ -130,7 +131,9 @@ class Trainer:
         """Commit the current state now (inside a run) and return its URI."""
         if self._run is None:
             raise RuntimeError("save_checkpoint() needs a running or finished fit")
-        return self._run.save_checkpoint()
+        uri = self._run.save_checkpoint()
+        self._run.writer.wait()  # a user's explicit save returns once committed
+        return uri
 
     # ------------------------------------------------------------------ Lightning's attributes
     def _run_attr(self, name: str, default: Any) -> Any:

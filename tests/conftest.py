@@ -15,3 +15,42 @@ def ray_cluster():
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- S3 (moto server on loopback)
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server mode) on 127.0.0.1:<free port>, for the whole session."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Configure S3 through the standard AWS environment variables only; yield ``s3://bucket/prefix``
+    in a fresh bucket. s3fs's instance and listing caches are cleared around each test."""
+    import s3fs
+    from s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = s3_server.create_bucket()
+    try:
+        yield f"s3://{bucket}/prefix"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

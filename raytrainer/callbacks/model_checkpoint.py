@@ -166,17 +166,17 @@ class ModelCheckpoint(Callback):
         previous_last = self.last_model_path
         if self.save_last:
             self.last_model_path = uri
-        run.save_checkpoint()  # returns once committed; deletions only after that
+        stale = set(evict) | ({previous_last} if previous_last and previous_last != uri else set())
+        # Older checkpoints are deleted only once the new one is committed (maybe in background).
+        run.save_checkpoint(after_commit=[lambda: self._delete_unreferenced(trainer, stale)])
         self._last_save_time = time.monotonic()
         if self.verbose and trainer.is_global_zero:
             print(f"[raytrainer] checkpoint {uri}" + (f" ({self.monitor}={score:.6g})" if score is not None else ""))
-        stale = set(evict) | ({previous_last} if previous_last and previous_last != uri else set())
-        self._delete_unreferenced(trainer, stale)
 
     def _delete_unreferenced(self, trainer, candidates: set[str]) -> None:
         if not trainer.is_global_zero:
             return
-        referenced = set()
+        referenced = {trainer._run.checkpoint_uri()}
         for cb in trainer.checkpoint_callbacks:
             referenced |= set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}
         for path in candidates - referenced:
