@@ -19,5 +19,16 @@ LightningDataModule = DataModule
 
 __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
            "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
-           "load_checkpoint", "CheckpointError"]
+           "load_checkpoint", "CheckpointError", "sweep", "tune"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # rt.tune and rt.sweep import ray.tune (seconds): only when used.
+    if name == "tune":
+        import importlib
+        return importlib.import_module("raytrainer.tune")
+    if name == "sweep":
+        from raytrainer.tune import sweep
+        return sweep
+    raise AttributeError(f"module 'raytrainer' has no attribute {name!r}")

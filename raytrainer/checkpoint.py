@@ -131,7 +131,15 @@ def read_marker(uri: str, storage_options: Mapping | None = None) -> dict | None
         return None
     except (ValueError, UnicodeDecodeError):
         return None  # a torn marker counts as not committed
-    return marker if isinstance(marker, dict) and "files" in marker else None
+    if not isinstance(marker, dict) or not _valid_file_table(marker.get("files")):
+        return None  # a marker without a usable file table commits nothing
+    return marker
+
+
+def _valid_file_table(files) -> bool:
+    return (isinstance(files, dict) and MODEL_FILE in files and STATE_FILE in files
+            and all(isinstance(v, dict) and "sha256" in v and "size" in v for v in files.values())
+            and all(n in (MODEL_FILE, STATE_FILE) or re.fullmatch(r"rank-\d{5}\.pt", n) for n in files))
 
 
 def load(uri: str, storage_options: Mapping | None = None) -> dict:
@@ -181,7 +189,7 @@ def list_committed(cfg_or_root, storage_options: Mapping | None = None) -> list[
     for entry in entries:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         m = _DIR_RE.match(name)
-        if m and fs.exists(f"{entry.rstrip('/')}/{COMMIT_FILE}"):
+        if m and read_marker(storage.join(root, name), storage_options) is not None:
             found.append((int(m.group(1)), bool(m.group(2)), storage.join(root, name)))
     return [uri for _, _, uri in sorted(found)]
 

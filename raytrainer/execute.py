@@ -87,7 +87,7 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
             raise TypeError("configure_optimizers() returned no optimizer")
     run_dir = cfg.run_dir
     for lg in run.loggers:
-        lg.setup(run_dir)
+        _setup_logger(lg, run_dir, cfg.storage_options)
 
     resume_uri = resolve_checkpoint(ckpt_path, cfg, ctx)
     if resume_uri is not None:
@@ -133,7 +133,7 @@ def resolve_checkpoint(ckpt_path, cfg, ctx) -> str | None:
         return uri
     if ckpt_path == "best":
         latest = ckpt_io.latest_committed(cfg, cfg.storage_options)
-        best = _best_from(latest, cfg) if latest else None
+        best = best_checkpoint_recorded_in(latest, cfg.storage_options) if latest else None
         if not best:
             raise ValueError(f"ckpt_path='best': no best checkpoint recorded under {cfg.run_dir} "
                              "(a ModelCheckpoint with a monitor records one)")
@@ -141,8 +141,9 @@ def resolve_checkpoint(ckpt_path, cfg, ctx) -> str | None:
     return storage.normalize(str(ckpt_path))
 
 
-def _best_from(uri: str, cfg) -> str | None:
-    state = ckpt_io.load(uri, cfg.storage_options)
+def best_checkpoint_recorded_in(uri: str, storage_options) -> str | None:
+    """The best checkpoint a ModelCheckpoint had recorded when ``uri`` was saved."""
+    state = ckpt_io.load(uri, storage_options)
     for key, cb_state in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb_state.get("best_model_path"):
             return cb_state["best_model_path"]
@@ -151,3 +152,13 @@ def _best_from(uri: str, cfg) -> str | None:
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def _setup_logger(logger, run_dir: str, storage_options) -> None:
+    """Loggers write where checkpoints go, with the same credentials; a user logger written
+    against the one-argument ``setup(run_dir)`` still works."""
+    import inspect
+    if "storage_options" in inspect.signature(logger.setup).parameters:
+        logger.setup(run_dir, storage_options=storage_options)
+    else:
+        logger.setup(run_dir)

@@ -146,16 +146,20 @@ def _end_epoch(run) -> None:
 def _checkpoint_boundary(run, kind: str) -> None:
     """A point from which a resumed run continues exactly like this one: checkpoints go here."""
     run.boundary = kind
-    for cb in run.callbacks:
-        cb.on_checkpoint_boundary(run.trainer, run.module)
+    run.call_callbacks("on_checkpoint_boundary")
     run.boundary = None
+    if run.validated_this_boundary or run.boundary_checkpoint:
+        # One report per validation or checkpoint, never per step: Ray drains reports on a poll
+        # (a report is a barrier), and a Tune iteration is one validation.
+        run.ctx.report(run.metrics_for_report(), run.boundary_checkpoint)
+    run.boundary_checkpoint = None
     run.validated_this_boundary = False
 
 
 def _automatic_forward_backward(run, batch: Any, batch_idx: int, window_done: bool):
     # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers the
     # communication to the window's last backward.
-    sync = nullcontext() if window_done else run.no_sync()
+    sync = _NO_CONTEXT if window_done else run.no_sync()
     with sync:
         with run.precision.autocast():
             outputs = run.training_forward(batch, batch_idx)
@@ -223,6 +227,7 @@ def _num_batches(train: TrainData, limit) -> float:
 
 
 _END = object()
+_NO_CONTEXT = nullcontext()  # reusable: one object for every step, not one per step
 
 
 def _next(it):

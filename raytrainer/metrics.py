@@ -75,6 +75,8 @@ class MetricCollector:
         self.in_step = False
         self.batch_size = 1
         self._specs: dict[tuple[str, str], MetricSpec] = {}
+        self._resolved: dict[tuple[str, str], tuple] = {}     # (stage, name) -> (log args, spec)
+        self._logger_names: dict[str, tuple[int, set[str]]] = {}  # stage -> (len(_specs), names)
         self._step_values: dict[str, torch.Tensor] = {}       # train, current step
         self._epoch: dict[str, dict[str, _Accumulator]] = {}  # stage -> name -> acc
         self._finalized: dict[str, torch.Tensor] = {}         # completed epoch values, by shown name
@@ -85,24 +87,33 @@ class MetricCollector:
             on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"self.log: the metric name must be a non-empty string, got {name!r}")
-        if reduce_fx not in REDUCE_FX:
-            raise ValueError(f"self.log({name!r}): reduce_fx must be one of 'mean', 'sum', 'max', "
-                             f"'min' (or torch.mean/sum/max/min), got {reduce_fx!r}")
-        tensor = _as_scalar_tensor(name, value)
         training_step = self.stage == "train" and self.in_step
-        on_step = training_step if on_step is None else bool(on_step)
-        on_epoch = (not training_step) if on_epoch is None else bool(on_epoch)
-        if self.stage != "train" and on_step:
-            on_step = False  # per-step values of evaluation are not logged (Lightning logs them
-            on_epoch = True  # per dataloader step; we keep evaluation to epoch aggregates)
-        spec = MetricSpec(on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
-        known = self._specs.setdefault((self.stage, name), spec)
-        if known != spec:
-            raise ValueError(f"self.log({name!r}) was called with different arguments in the same "
-                             f"{self.stage} run: {known} then {spec}")
-        if on_step:
+        # A metric is logged with the same arguments every step: its spec is resolved (and
+        # checked against the first call's) once, then found by the arguments as given.
+        args = (prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist, training_step)
+        resolved = self._resolved.get((self.stage, name))
+        if resolved is not None and resolved[0] == args:
+            spec = resolved[1]
+            tensor = _as_scalar_tensor(name, value)
+        else:
+            if reduce_fx not in REDUCE_FX:
+                raise ValueError(f"self.log({name!r}): reduce_fx must be one of 'mean', 'sum', 'max', "
+                                 f"'min' (or torch.mean/sum/max/min), got {reduce_fx!r}")
+            tensor = _as_scalar_tensor(name, value)
+            on_step = training_step if on_step is None else bool(on_step)
+            on_epoch = (not training_step) if on_epoch is None else bool(on_epoch)
+            if self.stage != "train" and on_step:
+                on_step = False  # per-step values of evaluation are not logged (Lightning logs them
+                on_epoch = True  # per dataloader step; we keep evaluation to epoch aggregates)
+            spec = MetricSpec(on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
+            known = self._specs.setdefault((self.stage, name), spec)
+            if known != spec:
+                raise ValueError(f"self.log({name!r}) was called with different arguments in the same "
+                                 f"{self.stage} run: {known} then {spec}")
+            self._resolved[(self.stage, name)] = (args, spec)
+        if spec.on_step:
             self._step_values[name] = tensor
-        if on_epoch:
+        if spec.on_epoch:
             accs = self._epoch.setdefault(self.stage, {})
             acc = accs.get(name)
             if acc is None:
@@ -124,7 +135,10 @@ class MetricCollector:
                 value = self._reduce_step(value, spec.reduce_fx)
             names.append(f"{name}_step" if spec.on_epoch else name)
             tensors.append(value.float())
-        values = torch.stack(tensors).tolist() if tensors else []
+        if len(tensors) == 1:  # the usual single loss: .item() is the same sync, without a stack
+            values = [tensors[0].item()]
+        else:
+            values = torch.stack(tensors).tolist() if tensors else []
         return dict(zip(names, values))
 
     def end_epoch(self, stage: str) -> dict[str, float]:
@@ -162,7 +176,13 @@ class MetricCollector:
         return {k: float(v) for k, v in cm.items() if k in shown or k.rsplit("_", 1)[0] in shown}
 
     def logger_names(self, stage: str) -> set[str]:
-        return {n for (st, n), s in self._specs.items() if st == stage and s.logger}
+        # Read on every logging step; specs are only ever added, so their count says when the
+        # set is stale (load_state_dict, which may replace specs, clears it).
+        cached = self._logger_names.get(stage)
+        if cached is None or cached[0] != len(self._specs):
+            names = {n for (st, n), s in self._specs.items() if st == stage and s.logger}
+            self._logger_names[stage] = cached = (len(self._specs), names)
+        return cached[1]
 
     def logger_filter(self, values: dict[str, float], stage: str) -> dict[str, float]:
         """Drop metrics logged with ``logger=False``."""
@@ -191,6 +211,8 @@ class MetricCollector:
         for key, fields in state.get("specs", {}).items():
             stage, name = key.split("/", 1)
             self._specs[(stage, name)] = MetricSpec(*fields)
+        self._resolved.clear()
+        self._logger_names.clear()
         self._finalized.update(state.get("finalized", {}))
 
     def _reduce_step(self, value: torch.Tensor, reduce_fx: str) -> torch.Tensor:
@@ -204,7 +226,8 @@ def _as_scalar_tensor(name: str, value: Any) -> torch.Tensor:
         if value.numel() != 1:
             raise ValueError(f"self.log({name!r}): expected a scalar, got a tensor of shape "
                              f"{tuple(value.shape)}; reduce it first (e.g. .mean())")
-        return value.detach().reshape(())
+        value = value.detach()
+        return value if value.ndim == 0 else value.reshape(())  # a 0-d loss needs no new view
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if hasattr(value, "item") and callable(value.item):  # numpy scalars
             return torch.tensor(float(value.item()))

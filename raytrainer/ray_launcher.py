@@ -41,8 +41,11 @@ def ensure_ray() -> bool:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard hosts the state API, which Ray Train's placement-group cleaner (and Tune's)
     # needs to release the resources of a run whose controller died.
+    # Actors of an embedded Ray (Tune trials, Train workers) import the driver's modules —
+    # scripts, tests, notebooks — from the driver's path.
+    runtime_env = None if address else {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
     ray.init(address=address, include_dashboard=None if address else True,
-             logging_level=logging.WARNING, log_to_driver=True)
+             logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
     try:
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = False

@@ -54,22 +54,42 @@ class Run:
         self.validated_this_boundary = False
         self.boundary = None           # "step" | "epoch" while on_checkpoint_boundary runs
         self.last_saved_position = None
+        self.boundary_checkpoint: str | None = None
         self.saved_checkpoints: list[str] = []
+        self._hooks: dict[str, tuple] = {}  # hook -> (callbacks, module fn, callback fns)
 
     # ------------------------------------------------------------------ hooks
     def call(self, hook: str, *args: Any) -> Any:
         """Module hook, then each callback's (the documented order)."""
-        out = self.call_module(hook, *args)
-        self.call_callbacks(hook, *args)
+        _, module_fn, callback_fns = self._implementations(hook)
+        out = module_fn(*args) if module_fn is not None else None
+        for fn in callback_fns:
+            fn(self.trainer, self.module, *args)
         return out
 
     def call_module(self, hook: str, *args: Any) -> Any:
-        fn = getattr(self.module, hook, None)
-        return fn(*args) if fn is not None else None
+        module_fn = self._implementations(hook)[1]
+        return module_fn(*args) if module_fn is not None else None
 
     def call_callbacks(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(self.trainer, self.module, *args)
+        for fn in self._implementations(hook)[2]:
+            fn(self.trainer, self.module, *args)
+
+    def _implementations(self, hook: str) -> tuple:
+        """Who implements ``hook``, looked up once per run: the module's method unless it is
+        Module's no-op default, and the callbacks whose method is not Callback's no-op. The step
+        loop fires six hooks per batch; calling every inherited no-op of the module and of each
+        callback every step would be most of the loop's own overhead."""
+        entry = self._hooks.get(hook)
+        if entry is not None and entry[0] is self.callbacks:  # a new callbacks list: look again
+            return entry
+        module_fn = getattr(self.module, hook, None)
+        if _is_default(module_fn, _module_base(), hook):
+            module_fn = None
+        callback_fns = [fn for fn in (getattr(cb, hook) for cb in self.callbacks)
+                        if not _is_default(fn, Callback, hook)]
+        self._hooks[hook] = entry = (self.callbacks, module_fn, callback_fns)
+        return entry
 
     def call_datamodule(self, hook: str, *args: Any) -> None:
         fn = getattr(self.datamodule, hook, None) if self.datamodule is not None else None
@@ -134,7 +154,7 @@ class Run:
     def step_schedulers(self, interval: str) -> None:
         """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
         In manual optimization the module steps its schedulers itself (as in Lightning)."""
-        if not self.module.automatic_optimization:
+        if not self.scheduler_configs or not self.module.automatic_optimization:
             return
         count = self.global_step if interval == "step" else self.current_epoch + 1
         for cfg in self.scheduler_configs:
@@ -186,6 +206,8 @@ class Run:
         once it has."""
         uri = self.checkpoint_uri()
         if self.last_saved_position == self.position():
+            if after_commit:  # e.g. a second ModelCheckpoint at the same boundary: its retention
+                self.writer.submit(lambda: None, list(after_commit), f"retention after {uri}")
             return uri
         ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx,
                      meta={"fit_token": getattr(self.ctx, "fit_token", None)},
@@ -193,7 +215,7 @@ class Run:
         self.last_saved_position = self.position()
         for lg in self.loggers:
             lg.save()
-        self.ctx.report(self.metrics_for_report(), uri)
+        self.boundary_checkpoint = uri  # reported with the boundary's metrics (loop.py)
         return uri
 
     def metrics_for_report(self) -> dict[str, float]:
@@ -244,6 +266,17 @@ class Run:
             self.resume_rng = None
         else:
             self.resume_rng = rank_state["rng"]  # restored after the epoch's iterator is rebuilt
+
+
+def _module_base() -> type:
+    from raytrainer.module import Module
+    return Module
+
+
+def _is_default(fn: Any, base: type, hook: str) -> bool:
+    """True when ``fn`` (a bound method or None) is ``base``'s no-op for ``hook`` (an
+    override, or a function set on the instance, is not)."""
+    return fn is None or getattr(fn, "__func__", None) is getattr(base, hook, None)
 
 
 def _merge_callbacks(given: list[Callback], from_module: Any) -> list[Callback]:

@@ -27,7 +27,9 @@ class Trainer:
                  seed: int | None = None, deterministic: bool = False, storage_path: str | None = None,
                  storage_options: dict | None = None, name: str | None = None, launcher: str = "ray",
                  max_failures: int = 0, resources_per_worker: dict | None = None):
-        cfg = build_config(**{k: v for k, v in locals().items() if k not in ("self", "callbacks", "logger")})
+        # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
+        self._init_kwargs = {k: v for k, v in locals().items() if k != "self"}
+        cfg = build_config(**{k: v for k, v in self._init_kwargs.items() if k not in ("callbacks", "logger")})
         if cfg.fast_dev_run:
             # Lightning's fast_dev_run: n batches of each stage, one epoch, nothing written.
             n = cfg.fast_dev_run

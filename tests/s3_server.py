@@ -35,7 +35,11 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "S3Server":
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in test logs
 
         last_error: Exception | None = None
         for _ in range(3):  # the free port can be taken between probing and binding: retry
@@ -78,8 +82,6 @@ class S3Server:
 
     def create_bucket(self, name: str | None = None) -> str:
         """A fresh bucket (unique name unless given); returns its name."""
-        import boto3
-
         name = name or f"bucket-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name

@@ -173,9 +173,25 @@ class ModelCheckpoint(Callback):
         if self.verbose and trainer.is_global_zero:
             print(f"[raytrainer] checkpoint {uri}" + (f" ({self.monitor}={score:.6g})" if score is not None else ""))
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Forget checkpoints of other runs: a fit resumed from another run's checkpoint (a PBT
+        exploit, ``ckpt_path=`` elsewhere) restores that run's bookkeeping, and its files are
+        not this run's to rank or delete."""
+        root = ckpt_io.checkpoints_root(trainer.cfg) + "/"
+        self.best_k_models = {p: v for p, v in self.best_k_models.items() if p.startswith(root)}
+        if self.last_model_path and not self.last_model_path.startswith(root):
+            self.last_model_path = ""
+        if self.best_model_path and not self.best_model_path.startswith(root):
+            finite = {p: v for p, v in self.best_k_models.items() if not math.isnan(v)}
+            pick = min if self.mode == "min" else max
+            self.best_model_path = pick(finite, key=finite.get) if finite else ""
+            self.best_model_score = finite.get(self.best_model_path)
+
     def _delete_unreferenced(self, trainer, candidates: set[str]) -> None:
         if not trainer.is_global_zero:
             return
+        root = ckpt_io.checkpoints_root(trainer.cfg) + "/"
+        candidates = {p for p in candidates if p.startswith(root)}  # never another run's files
         referenced = {trainer._run.checkpoint_uri()}
         for cb in trainer.checkpoint_callbacks:
             referenced |= set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}

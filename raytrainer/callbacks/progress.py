@@ -17,6 +17,8 @@ class ProgressBar(Callback):
     def __init__(self, leave: bool = True):
         self.leave = leave
         self._bar = None
+        self._every = 1
+        self._shown_step = -1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         from tqdm.auto import tqdm
@@ -24,12 +26,18 @@ class ProgressBar(Callback):
         total = None if math.isinf(run.num_training_batches) else int(run.num_training_batches)
         self._bar = tqdm(total=total, initial=run.batches_done, desc=f"Epoch {run.current_epoch}",
                          leave=self.leave, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+        self._every = trainer.log_every_n_steps  # read here, not through properties every batch
+        self._shown_step = run.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:
             return
         self._bar.update(1)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        # The loop's logging steps only: a step that just became a multiple of log_every_n_steps
+        # (not every micro-batch of an accumulation window that leaves global_step there).
+        step = trainer._run.global_step
+        if step != self._shown_step and step % self._every == 0:
+            self._shown_step = step
             self._bar.set_postfix(_fmt(trainer._run.metrics.progress_bar_metrics()), refresh=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:

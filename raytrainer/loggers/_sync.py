@@ -40,8 +40,17 @@ def resolve_log_dir(log_dir: str, prefix: str) -> tuple[str, str, str | None]:
     return local, local, None
 
 
+def _filesystem(remote_uri: str, storage_options=None):
+    # The same resolution as checkpoints (raytrainer.storage): the Trainer's storage_options, and
+    # AWS_ENDPOINT_URL applied explicitly for s3:// -- so logs and checkpoints go to one place.
+    from raytrainer import storage  # imported here: loggers on local paths never pay for fsspec
+
+    return storage.filesystem(remote_uri, storage_options)
+
+
 def sync_dir_to_remote(local_dir: str, remote_uri: str,
-                       uploaded: dict[str, tuple[int, int]] | None = None) -> list[str]:
+                       uploaded: dict[str, tuple[int, int]] | None = None,
+                       storage_options=None) -> list[str]:
     """Copy every file under ``local_dir`` to the same relative path under ``remote_uri``.
 
     ``uploaded`` (optional, updated in place) maps relative paths to the ``(size, mtime_ns)``
@@ -49,9 +58,7 @@ def sync_dir_to_remote(local_dir: str, remote_uri: str,
     it grew, which keeps per-checkpoint syncs cheap on object stores. Returns the uploaded
     relative paths.
     """
-    import fsspec  # imported here: loggers on local paths never pay for it
-
-    fs, root = fsspec.core.url_to_fs(remote_uri)
+    fs, root = _filesystem(remote_uri, storage_options)
     sent = []
     for dirpath, _, files in os.walk(local_dir):
         for fname in sorted(files):
@@ -72,11 +79,9 @@ def sync_dir_to_remote(local_dir: str, remote_uri: str,
     return sent
 
 
-def fetch_remote_file(remote_uri: str, local_path: str) -> bool:
+def fetch_remote_file(remote_uri: str, local_path: str, storage_options=None) -> bool:
     """Download ``remote_uri`` to ``local_path`` if it exists (resuming into a staging dir)."""
-    import fsspec
-
-    fs, rpath = fsspec.core.url_to_fs(remote_uri)
+    fs, rpath = _filesystem(remote_uri, storage_options)
     if not fs.exists(rpath):
         return False
     fs.get_file(rpath, local_path)

@@ -23,8 +23,9 @@ class Logger:
     def log_dir(self) -> str | None:
         return None
 
-    def setup(self, run_dir: str) -> None:
-        """Bind to the run directory (a local path or fsspec URI)."""
+    def setup(self, run_dir: str, storage_options=None) -> None:
+        """Bind to the run directory (a local path or fsspec URI); ``storage_options`` are the
+        Trainer's fsspec options for it (credentials, endpoint: never to be logged)."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Record scalar ``metrics`` (plain floats) at ``step`` (optimizer steps done)."""

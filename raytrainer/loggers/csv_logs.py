@@ -43,6 +43,7 @@ class CSVLogger(Logger):
         self._save_dir = save_dir
         self._name = name
         self._flush_every = flush_logs_every_n_steps
+        self._storage_options: dict | None = None
         self._target = _sync.join(save_dir, name) if save_dir is not None else None
         self._buffer: list[dict[str, Any]] = []  # rows not yet in the file
         self._calls = 0
@@ -75,7 +76,9 @@ class CSVLogger(Logger):
         """Where ``metrics.csv`` lives (a URI for remote log dirs)."""
         return None if self.log_dir is None else _sync.join(self.log_dir, METRICS_FILE)
 
-    def setup(self, run_dir: str) -> None:
+    def setup(self, run_dir: str, storage_options=None) -> None:
+        # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
+        self._storage_options = dict(storage_options) if storage_options else None
         if self._save_dir is None:
             target = _sync.join(run_dir, self._name)
             if target != self._target:
@@ -93,7 +96,8 @@ class CSVLogger(Logger):
         path = self._path()
         if self._remote is not None:
             # Resuming into a fresh staging dir: bring the remote file down so we append to it.
-            _sync.fetch_remote_file(_sync.join(self._remote, METRICS_FILE), path)
+            _sync.fetch_remote_file(_sync.join(self._remote, METRICS_FILE), path,
+                                    self._storage_options)
         if os.path.exists(path):
             self._columns, rows = _read_rows(path)
             self._last_row = rows[-1] if rows else None
@@ -172,7 +176,8 @@ class CSVLogger(Logger):
             return  # nothing logged yet in this process
         self._flush()
         if self._remote is not None:
-            _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded)
+            _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded,
+                                     self._storage_options)
 
     def finalize(self, status: str) -> None:
         self.save()

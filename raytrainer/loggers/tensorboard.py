@@ -23,6 +23,7 @@ class TensorBoardLogger(Logger):
         self._save_dir = save_dir
         self._name = name
         self._flush_secs = flush_secs
+        self._storage_options: dict | None = None
         self._target = _sync.join(save_dir, name) if save_dir is not None else None
         self._unbind()
         self._purge_step: int | None = None
@@ -47,7 +48,9 @@ class TensorBoardLogger(Logger):
         return self._target if _sync.is_remote(self._target) else _sync.strip_file_scheme(
             self._target)
 
-    def setup(self, run_dir: str) -> None:
+    def setup(self, run_dir: str, storage_options=None) -> None:
+        # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
+        self._storage_options = dict(storage_options) if storage_options else None
         if self._save_dir is None:
             target = _sync.join(run_dir, self._name)
             if target != self._target:
@@ -133,7 +136,8 @@ class TensorBoardLogger(Logger):
 
     def _upload(self) -> None:
         if self._remote is not None and self._local_dir is not None:
-            _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded)
+            _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded,
+                                     self._storage_options)
 
     def state_dict(self) -> dict:
         return {"step": self._last_step}

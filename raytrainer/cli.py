@@ -1,0 +1,492 @@
+"""``raytrainer fit|validate|test|predict|sweep --config run.yaml``: LightningCLI conventions.
+
+    model:   {class_path: pkg.mod.Lit, init_args: {lr: 0.01}}     # an rt.Module subclass
+    data:    {class_path: pkg.mod.Data, init_args: {...}}          # an rt.DataModule (optional)
+    trainer: {max_epochs: 3, callbacks: [{class_path: ModelCheckpoint, init_args: {...}}], ...}
+    ckpt_path: last                                                # fit/validate/test/predict
+    sweep:   {search_space: {lr: {type: loguniform, lower: 1e-4, upper: 0.1}}, metric: val_loss,
+              mode: min, num_samples: 8}                           # `raytrainer sweep` only
+
+Several --config files are deep-merged, later ones winning (a different class_path replaces the
+whole entry, init_args included); then dotted overrides apply in order: --trainer.max_epochs 3,
+--model.init_args.lr 0.1 (or --model.lr 0.1), --ckpt_path=last. Values are read with
+yaml.safe_load (numbers, booleans, lists, mappings); a string in scientific notation such as 1e-3
+(PyYAML reads it as a string) becomes a float where the argument takes a float.
+
+Every check runs before any model is trained or Ray is started, and each error names the key and
+where it was set (``run.yaml: trainer.max_epochs: ...`` or ``command line (--trainer.max_epochs)``).
+``fit`` and ``sweep`` save the resolved config as ``{storage_path}/{name}/config.yaml`` next to the
+run's checkpoints, never with ``storage_options`` or other secret-looking keys.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+import raytrainer as rt
+from raytrainer import storage
+from raytrainer.config import ConfigError
+
+COMMANDS = {"fit": "train a model (resume with ckpt_path: last)", "validate": "run the validation loop once",
+            "test": "run the test loop once", "predict": "run the predict loop",
+            "sweep": "tune hyperparameters with Ray Tune (the sweep: section)"}
+TOP_LEVEL = ("model", "data", "trainer", "ckpt_path", "sweep")
+CLASS_KEYS = ("class_path", "init_args")
+# Where short class names (`ModelCheckpoint`) resolve, by the key that holds them.
+SHORT_NAMES = {"callbacks": "raytrainer.callbacks", "logger": "raytrainer.loggers",
+               "scheduler": "ray.tune.schedulers", "search_alg": "ray.tune.search"}
+_SCI = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SECRET = re.compile(r"(^|_)(secret|password|passwd|credentials?|access_key(_id)?|api_key|"
+                     r"(auth|access|api|session)_token)$", re.I)
+
+
+class CLIError(ConfigError):
+    """A config problem; the message names the key and where it was set."""
+
+
+# ----------------------------------------------------------------------- where values came from
+
+def _dotted(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + p for i, p in enumerate(path))
+
+
+class Origins:
+    """The file (or command-line flag) that last set each dotted path of the merged config."""
+
+    def __init__(self) -> None:
+        self._src: dict[tuple, str] = {}
+
+    def record(self, path: tuple, value: Any, src: str) -> None:
+        self._src = {p: s for p, s in self._src.items() if p[:len(path)] != path}  # subtree replaced
+        stack = [(path, value)]
+        while stack:
+            p, v = stack.pop()
+            self._src[p] = src
+            if isinstance(v, dict):
+                stack.extend((p + (k,), child) for k, child in v.items())
+
+    def of(self, path: tuple) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self._src:
+                return self._src[path[:n]]
+        return "defaults"
+
+    def error(self, path: tuple, msg: str) -> CLIError:
+        return CLIError(f"{self.of(path)}: {_dotted(path)}: {msg}")
+
+
+# ----------------------------------------------------------------------- command line
+
+@dataclass
+class Args:
+    command: str
+    configs: list[str]
+    overrides: list[tuple[str, str]]   # (dotted key, raw value)
+    print_config: bool = False
+
+
+def _help(command: str | None) -> str:
+    """argparse only formats the help; dotted overrides are parsed by ``parse_args``."""
+    import argparse
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="raytrainer", formatter_class=fmt, description=__doc__.split("\n\n")[0],
+                                     epilog="On a cluster: ray job submit --working-dir . -- raytrainer fit --config run.yaml")
+    sub = parser.add_subparsers(metavar="{" + ",".join(COMMANDS) + "}")
+    for name, text in COMMANDS.items():
+        s = sub.add_parser(name, help=text, description=text, formatter_class=fmt,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+        s.add_argument("--config", action="append", metavar="FILE", help="a YAML config; repeat to merge (later wins)")
+        s.add_argument("--print_config", action="store_true", help="print the resolved config as YAML and exit")
+        s.add_argument("--KEY.PATH", metavar="VALUE", help="override one value: --trainer.max_epochs 3, --ckpt_path=last")
+        if name == command:
+            return s.format_help()
+    return parser.format_help()
+
+
+def parse_args(argv: list[str]) -> Args | int:
+    """The parsed command line, or an exit code when it only asked for help."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help(None), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"raytrainer {rt.__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise CLIError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
+    args, i = Args(command, [], []), 0
+    while i < len(rest):
+        tok = rest[i]
+        i += 1
+        if tok in ("-h", "--help"):
+            print(_help(command))
+            return 0
+        if tok in ("--print_config", "--print-config"):
+            args.print_config = True
+            continue
+        if not tok.startswith("--") or tok == "--":
+            raise CLIError(f"unexpected argument {tok!r}: expected --config FILE, --print_config or a "
+                           "dotted override such as --trainer.max_epochs 3")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i >= len(rest):
+                raise CLIError(f"--{key} needs a value")
+            value, i = rest[i], i + 1
+        if key == "config":
+            args.configs.append(value)
+        elif not _KEY.match(key):
+            raise CLIError(f"--{key}: not a dotted config key such as --trainer.max_epochs")
+        else:
+            args.overrides.append((key, value))
+    if not args.configs and not args.overrides:
+        raise CLIError(f"`raytrainer {command}` needs --config FILE (see --help)")
+    return args
+
+
+# ----------------------------------------------------------------------- loading and merging
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise CLIError(f"--config {path}: no such file") from None
+    except OSError as e:
+        raise CLIError(f"--config {path}: cannot read it ({e})") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL)}, got {type(data).__name__}")
+    return data or {}
+
+
+def _merge(base: dict, new: dict, origins: Origins, src: str, path: tuple = ()) -> None:
+    """Deep-merge ``new`` into ``base``: mappings merge, anything else (lists included) is replaced,
+    and so is a mapping whose class_path changed (the old init_args belong to the old class)."""
+    for key, value in new.items():
+        old = base.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and \
+                old.get("class_path", value.get("class_path")) == value.get("class_path", old.get("class_path")):
+            _merge(old, value, origins, src, path + (key,))
+        else:
+            base[key] = copy.deepcopy(value)
+            origins.record(path + (key,), value, src)
+
+
+def _set(config: dict, path: tuple, value: Any, origins: Origins, src: str) -> None:
+    node = config
+    for i, key in enumerate(path[:-1]):
+        if node.get(key) is None:
+            node[key] = {}
+            origins.record(path[:i + 1], {}, src)
+        if not isinstance(node[key], dict):
+            raise origins.error(path[:i + 1], f"is {node[key]!r}, so {src} cannot set a key inside it")
+        node = node[key]
+    if path[-1] == "class_path" and node.get("class_path") not in (None, value):
+        node.pop("init_args", None)  # init_args of the previous class don't apply to the new one
+    node[path[-1]] = value
+    origins.record(path, value, src)
+
+
+def load_config(files: list[str], overrides: list[tuple[str, str]] = ()) -> tuple[dict, Origins]:
+    """Merge the ``files`` in order, then apply the dotted ``overrides`` [(key, raw value)]."""
+    config: dict = {}
+    origins = Origins()
+    for path in files:
+        _merge(config, _read_yaml(path), origins, path)
+    for key, raw in overrides:
+        src = f"command line (--{key})"
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise CLIError(f"{src}: value {raw!r} is not valid YAML: {e}") from None
+        path = tuple(key.split("."))
+        if path[0] in ("model", "data") and len(path) > 1 and path[1] not in CLASS_KEYS:
+            path = (path[0], "init_args") + path[1:]  # --model.lr 0.1 means --model.init_args.lr 0.1
+        _set(config, path, value, origins, src)
+    return config, origins
+
+
+# ----------------------------------------------------------------------- classes and arguments
+
+def _coerce(value: Any, param: inspect.Parameter | None) -> Any:
+    """'1e-3' -> 0.001 where ``param`` takes a float (by annotation, else by its default)."""
+    if not (isinstance(value, str) and _SCI.match(value)) or param is None:
+        return value
+    ann = param.annotation
+    text = "" if ann is param.empty else ann if isinstance(ann, str) else getattr(ann, "__name__", repr(ann))
+    takes_float = ("float" in text and "str" not in text) if text else isinstance(param.default, float)
+    return float(value) if takes_float else value
+
+
+def resolve_class(class_path: Any, path: tuple, origins: Origins, base: type | tuple,
+                  short_module: str | None = None) -> type:
+    """Import ``pkg.mod.Class`` (or a short name from ``short_module``); it must subclass ``base``."""
+    where = path + ("class_path",)
+    if not isinstance(class_path, str) or not class_path:
+        raise origins.error(where, f"expected a dotted class path such as pkg.module.Class, got {class_path!r}")
+    if "." not in class_path and not short_module:
+        raise origins.error(where, f"{class_path!r} needs its module: write pkg.module.{class_path}")
+    module_name, attr = class_path.rsplit(".", 1) if "." in class_path else (short_module, class_path)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise origins.error(where, f"cannot import module {module_name!r} for class_path {class_path!r}: "
+                                   f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise origins.error(where, f"importing module {module_name!r} raised {type(e).__name__}: {e}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        known = getattr(module, "__all__", None)
+        raise origins.error(where, f"module {module_name!r} has no attribute {attr!r}"
+                                   + (f" (it has: {', '.join(known)})" if known else ""))
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        names = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in (base if isinstance(base, tuple) else (base,)))
+        raise origins.error(where, f"{class_path} is not a subclass of {names}")
+    return cls
+
+
+def _class_spec(value: Any, path: tuple, origins: Origins) -> tuple[Any, dict]:
+    """(class_path, init_args) of ``{class_path, init_args}`` or of a bare class-path string."""
+    if isinstance(value, str):
+        return value, {}
+    if not isinstance(value, dict):
+        raise origins.error(path, f"expected {{class_path: ..., init_args: {{...}}}}, got {value!r}")
+    unknown = [k for k in value if k not in CLASS_KEYS]
+    if unknown:
+        raise origins.error(path + (unknown[0],), f"unknown key(s) {unknown}: expected class_path and init_args")
+    if "class_path" not in value:
+        raise origins.error(path, "missing class_path")
+    args = {} if value.get("init_args") is None else value["init_args"]
+    if not isinstance(args, dict):
+        raise origins.error(path + ("init_args",), f"expected a mapping of argument names to values, got {args!r}")
+    return value["class_path"], args
+
+
+def check_init_args(cls: type, args: dict, path: tuple, origins: Origins, later: tuple = ()) -> dict:
+    """Check ``args`` against ``cls.__init__``: unknown names and missing required ones are errors
+    (``later``: arguments supplied later, by a sweep). Returns the args, coerced."""
+    params = inspect.signature(cls).parameters
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = [k for k in args if k not in named]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise origins.error(path + ("init_args", unknown[0]),
+                            f"{cls.__qualname__} does not accept {', '.join(map(repr, unknown))}; "
+                            f"it accepts: {', '.join(named) or 'no arguments'}")
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in args and n not in later]
+    if missing:
+        raise origins.error(path + ("init_args",), f"{cls.__qualname__} requires {', '.join(missing)}: "
+                                                   "set them in init_args")
+    return {k: _coerce(v, named.get(k)) for k, v in args.items()}
+
+
+def instantiate(cls: type, args: dict, path: tuple, origins: Origins) -> Any:
+    try:
+        return cls(**args)
+    except Exception as e:
+        raise origins.error(path, f"{cls.__qualname__}(**init_args) raised {type(e).__name__}: {e}") from e
+
+
+def _build_objects(value: Any, path: tuple, origins: Origins, base: type | tuple) -> list:
+    """Callbacks, loggers, a Tune scheduler: a list of {class_path, init_args} (or one of them)."""
+    out = []
+    for i, item in enumerate(value if isinstance(value, list) else [value]):
+        p = path + (i,) if isinstance(value, list) else path
+        class_path, args = _class_spec(item, p, origins)
+        cls = resolve_class(class_path, p, origins, base, SHORT_NAMES[path[-1]])
+        out.append(instantiate(cls, check_init_args(cls, args, p, origins), p, origins))
+    return out
+
+
+def trainer_arguments() -> dict[str, inspect.Parameter]:
+    return {n: p for n, p in inspect.signature(rt.Trainer.__init__).parameters.items() if n != "self"}
+
+
+def _build_trainer(section: Any, origins: Origins) -> Any:
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise origins.error(("trainer",), f"expected a mapping of Trainer arguments, got {section!r}")
+    valid = trainer_arguments()
+    kwargs = {}
+    for key, value in section.items():
+        if key not in valid:
+            raise origins.error(("trainer", key), f"unknown Trainer argument {key!r}; valid arguments: "
+                                                  f"{', '.join(valid)}")
+        kwargs[key] = section[key] = _coerce(value, valid[key])
+    if kwargs.get("callbacks") is not None:
+        kwargs["callbacks"] = _build_objects(kwargs["callbacks"], ("trainer", "callbacks"), origins, rt.Callback)
+    if kwargs.get("logger") not in (None, True, False):
+        kwargs["logger"] = _build_objects(kwargs["logger"], ("trainer", "logger"), origins, rt.loggers.Logger)
+    try:
+        return rt.Trainer(**kwargs)
+    except (ValueError, TypeError) as e:  # the Trainer's own validation (ConfigError is a ValueError)
+        m = re.search(r"Trainer\((\w+)\s*=", str(e))
+        raise origins.error(("trainer", m.group(1)) if m and m.group(1) in kwargs else ("trainer",), str(e)) from None
+
+
+# ----------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    """Everything a command needs, validated; the model and data are built on demand."""
+    command: str
+    config: dict                 # the resolved config (--print_config prints it)
+    origins: Origins
+    model_class: type
+    model_args: dict
+    data_class: type | None
+    data_args: dict
+    trainer: Any                 # rt.Trainer
+    ckpt_path: str | None
+    sweep: dict | None           # rt.sweep keyword arguments after (module, data, trainer)
+
+    def build_model(self) -> Any:
+        return instantiate(self.model_class, self.model_args, ("model",), self.origins)
+
+    def build_data(self) -> Any:
+        return None if self.data_class is None else instantiate(self.data_class, self.data_args, ("data",),
+                                                                self.origins)
+
+
+def _section_class(config: dict, key: str, origins: Origins, base: type) -> tuple[type, dict]:
+    class_path, args = _class_spec(config[key], (key,), origins)
+    return resolve_class(class_path, (key,), origins, base), args
+
+
+def prepare(command: str, config: dict, origins: Origins) -> Plan:
+    """Validate the whole config (coercing values in place) and build the Trainer."""
+    for key in config:
+        if key not in TOP_LEVEL:
+            raise origins.error((key,), f"unknown top-level key {key!r}; valid keys: {', '.join(TOP_LEVEL)}")
+    if config.get("model") is None:
+        raise CLIError("no model: set model.class_path (an rt.Module subclass) in a --config file "
+                       "or with --model.class_path")
+    model_class, model_args = _section_class(config, "model", origins, rt.Module)
+    data_class, data_args = None, {}
+    if config.get("data") is not None:
+        data_class, data_args = _section_class(config, "data", origins, rt.DataModule)
+        data_args = check_init_args(data_class, data_args, ("data",), origins)
+    sweep, sampled = None, ()
+    if command == "sweep":
+        if config.get("sweep") is None:
+            raise CLIError("`raytrainer sweep` needs a sweep: section (search_space, metric, mode, num_samples)")
+        from raytrainer.cli_sweep import parse_sweep
+        sweep = parse_sweep(config["sweep"], origins, model_class, data_class)
+        sampled = tuple(k for k in sweep["search_space"] if "." not in k)  # model arguments
+    elif config.get("sweep") is not None:
+        print("[raytrainer] note: the sweep: section is used only by `raytrainer sweep`", file=sys.stderr)
+    model_args = check_init_args(model_class, model_args, ("model",), origins, sampled)
+    for key, args in (("model", model_args), ("data", data_args)):
+        if isinstance(config.get(key), dict) and args:
+            config[key]["init_args"] = args
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is not None and not isinstance(ckpt_path, str):
+        raise origins.error(("ckpt_path",), f"expected 'last', 'best' or a checkpoint URI, got {ckpt_path!r}")
+    if command == "sweep" and ckpt_path is not None:
+        raise origins.error(("ckpt_path",), "not used by `raytrainer sweep`: set ckpt_path: null "
+                                             "(a sweep resumes with sweep.resume: true)")
+    trainer = _build_trainer(config.get("trainer"), origins)
+    return Plan(command, config, origins, model_class, model_args, data_class, data_args, trainer, ckpt_path, sweep)
+
+
+# ----------------------------------------------------------------------- sweep (see cli_sweep.py)
+
+def sweep_kwargs(plan: Plan) -> dict:
+    """All keyword arguments of ``rt.sweep`` for a prepared sweep plan."""
+    from raytrainer.cli_sweep import ModuleFactory
+    module = ModuleFactory(plan.model_class, plan.model_args) if plan.model_args else plan.model_class
+    return {"module": module, "data": plan.build_data(), "trainer": plan.trainer, **plan.sweep}
+
+
+def run_sweep(kwargs: dict):
+    """The one call into rt.sweep (kept alone: its signature may still change)."""
+    return rt.sweep(**kwargs)
+
+
+# ----------------------------------------------------------------------- output
+
+def _without_secrets(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_secrets(v) for k, v in value.items()
+                if k != "storage_options" and not (isinstance(k, str) and _SECRET.search(k))}
+    return [_without_secrets(v) for v in value] if isinstance(value, list) else value
+
+
+def dump_config(config: dict) -> str:
+    """The resolved config as YAML, without storage_options or secret-looking keys."""
+    return ("# resolved by raytrainer; fsspec options and secret-looking keys are left out\n"
+            + yaml.safe_dump(_without_secrets(config), sort_keys=False, default_flow_style=False))
+
+
+def save_config(config: dict, trainer) -> str:
+    """Write the resolved config to ``{storage_path}/{name}/config.yaml`` (through fsspec); return its
+    URI. The run name is recorded even when generated, so the file reruns (resumes) the same run."""
+    cfg = trainer.cfg
+    resolved = copy.deepcopy(config)
+    section = resolved.get("trainer") if isinstance(resolved.get("trainer"), dict) else {}
+    resolved["trainer"] = {**section, "name": cfg.name}
+    uri = storage.join(cfg.run_dir, "config.yaml")
+    fs, path = storage.filesystem(uri, cfg.storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(dump_config(resolved))
+    return uri
+
+
+# ----------------------------------------------------------------------- commands
+
+def run(plan: Plan) -> int:
+    """Build what the command needs (the last checks), then run it."""
+    if plan.command == "sweep":
+        kwargs = sweep_kwargs(plan)
+        uri = save_config(plan.config, plan.trainer)
+        result = run_sweep(kwargs)
+        best = getattr(result, "best", None)
+        print(f"[raytrainer] sweep finished: best checkpoint {getattr(best, 'checkpoint', None)}\n"
+              f"  config: {uri}", flush=True)
+        return 0
+    model, data = plan.build_model(), plan.build_data()
+    if plan.command == "fit":
+        uri = save_config(plan.config, plan.trainer)
+        r = plan.trainer.fit(model, datamodule=data, ckpt_path=plan.ckpt_path)
+        metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(r.metrics.items()))
+        print(f"[raytrainer] fit finished: epochs={r.current_epoch} steps={r.global_step} {metrics}\n"
+              f"  best checkpoint: {r.best_checkpoint}\n  last checkpoint: {r.last_checkpoint}\n"
+              f"  logs: {r.log_dir}\n  config: {uri}", flush=True)
+    elif plan.command == "predict":
+        predictions = plan.trainer.predict(model, datamodule=data, ckpt_path=plan.ckpt_path)
+        print(f"[raytrainer] predict finished: {len(predictions or [])} batches", flush=True)
+    else:  # validate / test print their metrics
+        getattr(plan.trainer, plan.command)(model, datamodule=data, ckpt_path=plan.ckpt_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``raytrainer`` and ``python -m raytrainer``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The console script's sys.path[0] is its bin/ folder: import class paths from the current
+    # directory as `python -m` does (a `ray job submit --working-dir` job runs in the working dir).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        args = parse_args(argv)
+        if isinstance(args, int):
+            return args
+        config, origins = load_config(args.configs, args.overrides)
+        plan = prepare(args.command, config, origins)
+        if args.print_config:
+            sys.stdout.write(dump_config(plan.config))
+            return 0
+        return run(plan)
+    except CLIError as e:
+        print(f"raytrainer: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,191 @@
+"""``rt.sweep``: a Ray Tune experiment whose trials fit the same Trainer and loop.
+
+Also re-exports Tune's search-space helpers: ``rt.tune.loguniform(1e-4, 1e-1)``, ``choice``, ...
+
+Resources are decided up front, so no trial ever waits for workers that cannot be scheduled: each
+trial is one Tune trial actor holding its worker's resources, and at most as many trials run at
+once as the cluster fits. A trial too big for the cluster is an error before Tune starts.
+Trial checkpoints and logs go to ``{storage_path}/{name}/trial_<id>/`` (Tune's own files to
+``{storage_path}/{name}/_tune``), on the same storage as single runs, s3:// included.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+from raytrainer.config import ConfigError
+
+_SEARCH_HELPERS = ("uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn", "randint",
+                   "qrandint", "lograndint", "qlograndint", "choice", "grid_search", "sample_from")
+
+
+def __getattr__(name: str):  # rt.tune.loguniform etc., importing ray.tune only when used
+    if name in _SEARCH_HELPERS:
+        from ray import tune
+        return getattr(tune, name)
+    raise AttributeError(f"module 'raytrainer.tune' has no attribute {name!r}")
+
+
+def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode: str = "min",
+          num_samples: int = 1, scheduler: Any = "asha", search_alg: Any = None,
+          max_concurrent_trials: int | None = None, grace_period: int = 1, reduction_factor: int = 2,
+          max_t: int | None = None, perturbation_interval: int = 2, hyperparam_mutations: dict | None = None,
+          time_budget_s: float | None = None,
+          resume: bool = False, verbose: bool = True):
+    """Run ``num_samples`` trials of ``module`` (a Module class whose ``__init__`` takes the
+    config's keys, or ``fn(config) -> Module``) on ``data`` with ``trainer``'s arguments;
+    ``trainer.``/``data.``-prefixed keys override the Trainer's / DataModule's arguments.
+    PBT perturbs ``hyperparam_mutations`` (default: the search space's sampled domains).
+    Returns a :class:`raytrainer.tune_result.SweepResult`."""
+    from ray import tune
+
+    from raytrainer import storage
+    from raytrainer.ray_launcher import ensure_ray
+    from raytrainer.tune_result import build_sweep_result
+    from raytrainer.tune_trial import run_trial
+
+    _validate(module, data, trainer, search_space, metric, mode, num_samples)
+    cfg = trainer.cfg
+    if cfg.devices not in (1, "auto"):
+        raise ConfigError(f"sweep: trials with devices={cfg.devices} are not supported yet; each "
+                          "trial runs one worker (use devices=1 and more concurrent trials)")
+    ensure_ray()
+    import ray
+    per_trial = _per_trial_resources(cfg)
+    concurrent = _max_concurrent(per_trial, ray.cluster_resources(), max_concurrent_trials)
+    sweep_dir = cfg.run_dir
+    job = {"module": module, "data": data, "trainer_kwargs": trainer._init_kwargs,
+           "sweep_dir": sweep_dir, "metric": metric}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), per_trial)
+    tune_storage, tune_fs = storage.ray_storage(sweep_dir, cfg.storage_options)
+    run_config = tune.RunConfig(name="_tune", storage_path=tune_storage, storage_filesystem=tune_fs,
+                                # Tune's checkpoints are tiny pointers to ours: keep them all
+                                # (num_to_keep forces an experiment snapshot per checkpoint).
+                                verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                                failure_config=tune.FailureConfig(max_failures=0))
+    tune_scheduler = _scheduler(scheduler, hyperparam_mutations or search_space, cfg, grace_period,
+                                reduction_factor, max_t, perturbation_interval)
+    tune_config = tune.TuneConfig(
+        metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg, scheduler=tune_scheduler,
+        max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
+        trial_dirname_creator=_trial_dirname)
+    experiment = f"{tune_storage.rstrip('/')}/_tune"
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   storage_filesystem=tune_fs)
+    else:
+        tuner = tune.Tuner(trainable, param_space=search_space, tune_config=tune_config,
+                           run_config=run_config)
+    print(f"[raytrainer] sweep: {num_samples} trial(s) x {per_trial} each, {concurrent} at once, "
+          f"scheduler={_name(scheduler)}, metric={metric} ({mode}), dir={sweep_dir}", flush=True)
+    grid = tuner.fit()
+    # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
+    # say it finished: reaching max_t counts as completed.
+    completes_at = getattr(tune_scheduler, "_max_t", None)
+    result = build_sweep_result(grid, metric, mode, sweep_dir, cfg.storage_options, completes_at)
+    if verbose:
+        print(result.summary(), flush=True)
+    return result
+
+
+def _validate(module, data, trainer, search_space, metric, mode, num_samples) -> None:
+    """Every key of the search space must land somewhere; fail before Tune starts."""
+    from raytrainer.data import DataModule
+    from raytrainer.module import Module
+    from raytrainer.trainer import Trainer
+    from raytrainer.tune_trial import split_config
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(f"sweep(trainer=...) must be an rt.Trainer, got {type(trainer).__name__}")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"sweep(mode={mode!r}) is invalid: expected 'min' or 'max'")
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"sweep(metric={metric!r}) is invalid: expected the name of a logged metric")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"sweep(num_samples={num_samples!r}) is invalid: expected an int >= 1")
+    if not isinstance(search_space, dict):
+        raise ConfigError("sweep(search_space=...) must be a dict of name -> value or rt.tune domain")
+    if data is not None and not isinstance(data, DataModule):
+        raise ConfigError(f"sweep(data=...) must be an rt.DataModule, got {type(data).__name__}")
+    module_keys, trainer_keys, data_keys = split_config(search_space)
+    if isinstance(module, type):
+        if not issubclass(module, Module):
+            raise ConfigError(f"sweep(module=...) must be an rt.Module subclass or a factory, got {module!r}")
+        _check_keys(module.__init__, module_keys, f"{module.__name__}.__init__")
+    elif not callable(module):
+        raise ConfigError("sweep(module=...) must be an rt.Module subclass or a factory fn(config) -> Module")
+    _check_keys(Trainer.__init__, trainer_keys, "Trainer", prefix="trainer.")
+    if data_keys:
+        if data is None or not getattr(data, "hparams", None):
+            raise ConfigError("sweep: 'data.*' keys need a DataModule that calls save_hyperparameters() "
+                              "(each trial rebuilds it from its hparams plus the overrides)")
+        _check_keys(type(data).__init__, data_keys, f"{type(data).__name__}.__init__", prefix="data.")
+
+
+def _check_keys(fn, keys: dict, where: str, prefix: str = "") -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in keys if k not in params or k == "self")
+    if unknown:
+        valid = sorted(k for k in params if k != "self")
+        raise ConfigError(f"sweep: search_space keys {[prefix + k for k in unknown]} are not arguments of "
+                          f"{where}; valid: {valid}")
+
+
+def _per_trial_resources(cfg) -> dict:
+    res = dict(cfg.resources_per_worker or {"CPU": 1})
+    if cfg.accelerator == "gpu":
+        res.setdefault("GPU", 1)
+    return res
+
+
+def _max_concurrent(per_trial: dict, cluster: dict, requested: int | None) -> int:
+    fits = min(math.floor(cluster.get(k, 0) / v + 1e-9) for k, v in per_trial.items() if v > 0)
+    if fits < 1:
+        raise ConfigError(f"sweep: one trial needs {per_trial} but the Ray cluster has "
+                          f"{ {k: cluster.get(k, 0) for k in per_trial} }; lower resources_per_worker "
+                          "or add nodes")
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ConfigError(f"sweep(max_concurrent_trials={requested!r}) is invalid: expected None or an int >= 1")
+        if requested > fits:
+            print(f"[raytrainer] sweep: max_concurrent_trials={requested} does not fit the cluster; "
+                  f"running {fits} at once", flush=True)
+        return min(requested, fits)
+    return fits
+
+
+def _default_max_t(cfg) -> int:
+    """Validations a trial would run (ASHA's time unit is one validation)."""
+    if cfg.max_epochs != -1 and cfg.val_check_interval == 1.0 and cfg.check_val_every_n_epoch:
+        return max(1, cfg.max_epochs // cfg.check_val_every_n_epoch)
+    return 100
+
+
+def _scheduler(scheduler, search_space, cfg, grace_period, reduction_factor, max_t, perturbation_interval):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    if not isinstance(scheduler, str):
+        return scheduler
+    if scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t or _default_max_t(cfg),
+                             grace_period=grace_period, reduction_factor=reduction_factor)
+    if scheduler == "pbt":
+        mutations = {k: v for k, v in search_space.items() if hasattr(v, "sample")}
+        if not mutations:
+            raise ConfigError("sweep(scheduler='pbt') needs at least one rt.tune domain in search_space to perturb")
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
+                                       hyperparam_mutations=mutations, quantile_fraction=0.5)
+    if scheduler == "fifo":
+        return FIFOScheduler()
+    raise ConfigError(f"sweep(scheduler={scheduler!r}) is invalid: expected 'asha', 'pbt', 'fifo' or a ray.tune scheduler")
+
+
+def _name(scheduler) -> str:
+    return scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+
+
+def _trial_dirname(trial) -> str:
+    """Tune's folder of a trial is named by its id (its last result may carry a PBT donor's)."""
+    return f"trial_{trial.trial_id}"

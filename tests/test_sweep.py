@@ -1,0 +1,88 @@
+"""rt.sweep on a real Ray Tune: ASHA early stopping, errored trials, PBT exploits, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import raytrainer as rt
+from sweep_models import Reg, RegData
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+HERE = os.path.dirname(__file__)
+
+
+def test_asha_sweep_stops_bad_trials_and_survives_a_crashing_one(ray_cluster, tmp_path):
+    # best first, so ASHA has good results on record to stop the later, worse trials against
+    lrs = [3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, -1.0]
+    trainer = rt.Trainer(max_epochs=8, storage_path=str(tmp_path), name="asha")
+    t0 = time.time()
+    result = rt.sweep(Reg, RegData(), trainer, search_space={"lr": rt.tune.grid_search(lrs)},
+                      metric="val_loss", mode="min", scheduler="asha", grace_period=1, reduction_factor=2)
+    print(f"ASHA sweep of {len(lrs)} trials x 8 epochs: {time.time() - t0:.1f} s wall")
+    table = result.table()
+    print(result.summary())
+    assert len(table) == len(lrs)
+    status = dict(zip(table["config/lr"], table["status"]))
+    assert status[-1.0] == "errored"                      # the crash did not kill the sweep
+    assert status[3e-2] == "completed"
+    assert sum(s == "early-stopped" for s in status.values()) >= 2
+    assert result.best.config["lr"] == 3e-2 and result.best.best < 0.05
+    ckpt = rt.load_checkpoint(result.best.checkpoint)     # a committed checkpoint of the best trial
+    assert ckpt["hyper_parameters"]["lr"] == 3e-2
+    assert result.best.checkpoint.startswith(str(tmp_path / "asha" / f"trial_{result.best.trial_id}"))
+    errored = next(t for t in result.trials if t.status == "errored")
+    assert "bad learning rate" in errored.error
+    png = result.plot(str(tmp_path / "sweep.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard logs of every trial under one root
+    assert len(list((tmp_path / "asha").glob("trial_*/tensorboard/events.out.tfevents.*"))) >= len(lrs) - 1
+
+
+def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path):
+    trainer = rt.Trainer(max_epochs=8, storage_path=str(tmp_path), name="pbt", logger=False,
+                         callbacks=[rt.callbacks.ModelCheckpoint(save_top_k=-1)])  # keep what was cloned
+    # one poor and one good start: the poor trial falls in PBT's lower quantile and exploits
+    result = rt.sweep(Reg, RegData(), trainer, search_space={"lr": rt.tune.grid_search([1e-4, 3e-2]), "val_delay": 0.5},
+                      metric="val_loss", mode="min", scheduler="pbt", perturbation_interval=1,
+                      hyperparam_mutations={"lr": rt.tune.loguniform(1e-3, 1e-1)}, verbose=False)
+    exploits = [(t, uri) for t in result.trials for uri in t.restores if f"/trial_{t.trial_id}/" not in uri]
+    assert exploits, result.summary()
+    for t, uri in exploits:  # continued from a donor's committed checkpoint...
+        assert rt.load_checkpoint(uri)["global_step"] > 0
+        assert t.checkpoint.startswith(str(tmp_path / "pbt" / f"trial_{t.trial_id}"))  # ...in its own dir
+    for t in result.trials:  # and nobody deleted anybody's checkpoints
+        assert rt.load_checkpoint(t.checkpoint)["global_step"] > 0
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """The driver is SIGKILLed after some trials finished; resume=True keeps them."""
+    script = os.path.join(HERE, "sweep_job.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen([sys.executable, script, str(tmp_path), "0"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while len(list((tmp_path / "sw").glob("trial_*/trial_result.json"))) < 2:
+            assert first.poll() is None and time.time() < deadline, "first sweep ended or stalled"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let Tune snapshot its experiment state
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finished = {p.parent.name for p in (tmp_path / "sw").glob("trial_*/trial_result.json")}
+    starts_before = (tmp_path / "starts.log").read_text().split()
+    out = subprocess.run([sys.executable, script, str(tmp_path), "1"], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    summary = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["completed"] == 4
+    starts = (tmp_path / "starts.log").read_text().split()
+    restarted = starts[len(starts_before):]
+    finished_lrs = {summary["lr_by_trial"][name.removeprefix("trial_")] for name in finished}
+    assert len(finished_lrs) >= 2
+    assert not finished_lrs & {float(x) for x in restarted}, (finished_lrs, restarted)
