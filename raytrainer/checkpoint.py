@@ -217,6 +217,12 @@ def delete(uri: str, storage_options: Mapping | None = None) -> None:
 
 def load_module_state(module: torch.nn.Module, state_dict: dict) -> None:
     """Load weights strictly, naming mismatched keys and shapes (a checkpoint of another model)."""
+    check_module_state(module, state_dict)
+    module.load_state_dict(state_dict)
+
+
+def check_module_state(module: torch.nn.Module, state_dict: dict) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and shape mismatches."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -232,7 +238,6 @@ def load_module_state(module: torch.nn.Module, state_dict: dict) -> None:
             parts.append("shape mismatch " + ", ".join(
                 f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:10]))
         raise CheckpointError(f"the checkpoint does not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(state_dict)
 
 
 def plain_hparams(hparams: Mapping) -> dict:

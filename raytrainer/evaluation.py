@@ -20,7 +20,7 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
     """One pass over ``loaders`` with ``{stage}_step``; returns the epoch metrics (for predict,
     ``run.predictions`` holds the outputs)."""
     module, hook = run.module, _HOOK[stage]
-    step_fn = getattr(module, _STEP[stage])
+    step_fn = run.strategy.step_fn(_STEP[stage])
     was_training = module.training
     previous_stage = run.metrics.stage
     run.metrics.stage = stage

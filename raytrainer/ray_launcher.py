@@ -143,9 +143,11 @@ def _train_fn(config: dict) -> None:
     except BaseException as e:
         ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", _pack_error(e, ctx.global_rank)))
         raise
+    # Gathering the full weights is a collective under FSDP: every rank takes part.
+    weights = trainer._run.strategy.model_state_dict() if job["stage"] == "fit" else None
     if ctx.global_rank == 0:
-        if job["stage"] == "fit":
-            out["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        if weights is not None:
+            out["state_dict"] = {k: v.detach().cpu() for k, v in weights.items()}
         out["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer._run.callbacks}
         out["log_dir"] = trainer.log_dir
         ray.get(mailbox.put.remote("result", out))

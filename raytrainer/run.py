@@ -179,8 +179,8 @@ class Run:
         """The full state, in Lightning's key names where Lightning has one."""
         state = {
             "raytrainer_format_version": CHECKPOINT_FORMAT_VERSION,
-            "state_dict": self.module.state_dict(),
-            "optimizer_states": [o.state_dict() for o in self.optimizers],
+            "state_dict": self.strategy.model_state_dict(),
+            "optimizer_states": self.strategy.optimizer_state_dicts(),
             "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
             "precision": self.precision.state_dict(),
             "epoch": self.current_epoch,
@@ -226,15 +226,14 @@ class Run:
     def restore(self, state: dict, weights_only_stage: bool = False) -> None:
         """Load a checkpoint's state; counters and RNG only for fit (``weights_only_stage``
         is validate/test/predict, which need the weights alone)."""
-        ckpt_io.load_module_state(self.module, state["state_dict"])
+        self.strategy.load_model_state_dict(state["state_dict"])
         self.call("on_load_checkpoint", state)
         if weights_only_stage:
             return
         if len(state["optimizer_states"]) != len(self.optimizers):
             raise ValueError(f"the checkpoint has {len(state['optimizer_states'])} optimizer states but "
                              f"configure_optimizers() returned {len(self.optimizers)} optimizers")
-        for opt, sd in zip(self.optimizers, state["optimizer_states"]):
-            opt.load_state_dict(sd)
+        self.strategy.load_optimizer_state_dicts(state["optimizer_states"])
         for cfg, sd in zip(self.scheduler_configs, state["lr_schedulers"]):
             cfg.scheduler.load_state_dict(sd)
         self.precision.load_state_dict(state.get("precision", {}))

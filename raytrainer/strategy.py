@@ -1,42 +1,137 @@
-"""Device placement and distributed wrapping (DDP; FSDP with the Ray launcher).
+"""Device placement and distributed wrapping: one process, DDP, or FSDP2 (``fully_shard``).
 
-Training forwards go through ``run.training_forward``: the module's ``training_step`` itself in
-one process, or a DDP-wrapped shim whose ``forward`` calls ``training_step`` (DDP only syncs
-gradients of what runs through its ``forward``, as in Lightning's module wrapper).
+A strategy decides how steps are called and how the full state is read and written; the loop and
+checkpoint code call it without knowing which one it is. Training steps of a wrapped model go
+through a shim module whose ``forward`` calls the named step (``training_step``, ...): DDP only
+syncs gradients of what runs through its ``forward``, and FSDP only gathers the root's parameters
+in its ``forward`` hooks (as Lightning's module wrapper does).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from raytrainer import checkpoint as ckpt_io
 
-class _TrainingStepShim(nn.Module):
+
+class _StepShim(nn.Module):
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args, **kwargs):
-        return self.module.training_step(*args, **kwargs)
+    def forward(self, step_name: str, *args, **kwargs):
+        return getattr(self.module, step_name)(*args, **kwargs)
+
+
+class Strategy:
+    """One process (or DDP, below): ``module.state_dict()`` is the full state on every rank."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def setup(self) -> None:
+        self.run.module.to(self.run.device)
+
+    def step_fn(self, name: str):
+        return getattr(self.run.module, name)
+
+    def no_sync(self):
+        """Inside an accumulation window: no gradient communication until its last backward."""
+        return nullcontext()
+
+    def model_state_dict(self) -> dict:
+        return self.run.module.state_dict()
+
+    def load_model_state_dict(self, state: dict) -> None:
+        ckpt_io.load_module_state(self.run.module, state)
+
+    def optimizer_state_dicts(self) -> list[dict]:
+        return [o.state_dict() for o in self.run.optimizers]
+
+    def load_optimizer_state_dicts(self, states: list[dict]) -> None:
+        for opt, sd in zip(self.run.optimizers, states):
+            opt.load_state_dict(sd)
+
+
+class DDPStrategy(Strategy):
+    def setup(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        super().setup()
+        device = self.run.device
+        self.wrapper = DistributedDataParallel(_StepShim(self.run.module),
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+        self.run.model = self.wrapper
+
+    def step_fn(self, name: str):
+        if name != "training_step":
+            return super().step_fn(name)  # evaluation needs no gradient sync
+        return lambda *args, **kwargs: self.wrapper(name, *args, **kwargs)
+
+    def no_sync(self):
+        return self.wrapper.no_sync()
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2: every direct child with parameters is sharded, then the root; checkpoints hold the
+    full (unsharded) state gathered to CPU, so they load on any world size or strategy."""
+
+    def setup(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+        super().setup()
+        module = self.run.module
+        for child in module.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child)
+        self.shim = _StepShim(module)
+        fully_shard(self.shim)
+        self.run.model = self.shim
+
+    def step_fn(self, name: str):
+        return lambda *args, **kwargs: self.shim(name, *args, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        self.shim.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.shim.set_requires_gradient_sync(True)
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model_state_dict(self) -> dict:  # a collective: every rank calls it
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.run.module, options=self._options())
+
+    def load_model_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        ckpt_io.check_module_state(self.run.module, state)
+        set_model_state_dict(self.run.module, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state_dicts(self) -> list[dict]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return [get_optimizer_state_dict(self.run.module, o, options=self._options()) for o in self.run.optimizers]
+
+    def load_optimizer_state_dicts(self, states: list[dict]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        for opt, sd in zip(self.run.optimizers, states):
+            set_optimizer_state_dict(self.run.module, opt, sd, options=StateDictOptions(full_state_dict=True))
 
 
 def setup_strategy(run) -> None:
-    module = run.module
-    module.to(run.device)
-    run.training_forward = module.training_step
-    run.no_sync = nullcontext
-    if run.ctx.world_size == 1 or run.stage != "fit":
-        return
-    if run.cfg.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        wrapper = DistributedDataParallel(_TrainingStepShim(module), device_ids=device_ids)
-        run.model = wrapper
-        run.training_forward = wrapper
-        run.no_sync = wrapper.no_sync
+    distributed = run.ctx.world_size > 1 and run.stage == "fit"
+    if not distributed:
+        cls = Strategy
     else:
-        raise NotImplementedError("strategy='fsdp' is not available yet; use strategy='ddp'")
+        cls = DDPStrategy if run.cfg.strategy == "ddp" else FSDPStrategy
+    run.strategy = cls(run)
+    run.strategy.setup()
+    run.training_forward = run.strategy.step_fn("training_step")
+    run.no_sync = run.strategy.no_sync
 
 
 def apply_determinism(deterministic: bool):

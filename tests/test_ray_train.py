@@ -92,12 +92,17 @@ def test_ray_dataset_uneven_rows_same_steps_on_every_worker(ray_cluster, tmp_pat
     assert len(r0["seen"]) == len(r1["seen"]) >= 50
 
 
-def test_worker_sigkill_resumes_bit_identical(ray_cluster, tmp_path):
-    ckpt = dict(callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_worker_sigkill_resumes_bit_identical(ray_cluster, tmp_path, strategy):
+    ckpt = dict(callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)], strategy=strategy)
     data = DataLoader(Indexed(), batch_size=8, shuffle=True)
     torch.manual_seed(0)
     straight = Recorder()
-    _trainer(tmp_path / "a", **ckpt).fit(straight, data)
+    first = _trainer(tmp_path / "a", **ckpt).fit(straight, data)
+    # full, unsharded weights in the checkpoint and in the caller's model
+    committed = rt.load_checkpoint(first.last_checkpoint)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in committed.items()} == {"net.weight": (1, 4), "net.bias": (1,)}
+    assert all(torch.equal(v, committed[k]) for k, v in straight.state_dict().items())
 
     torch.manual_seed(0)
     killed = Recorder(out_dir=str(tmp_path), kill_at=5)
