@@ -9,6 +9,8 @@ from raytrainer.precision import check_precision_supported
 
 def launch(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) -> dict:
     cfg = trainer.cfg
+    if stage == "fit" and (cfg.enable_checkpointing or trainer._loggers):
+        probe_storage(cfg)
     if cfg.launcher == "local":
         device = resolve_device(cfg.accelerator)
         check_precision_supported(cfg.precision, device.type)
@@ -25,3 +27,22 @@ def print_resolved(trainer, stage: str, where: str) -> None:
     print(f"[raytrainer] {stage}: {where} precision={cfg.precision} strategy={cfg.strategy} "
           f"{' '.join(limits)} accumulate_grad_batches={cfg.accumulate_grad_batches} "
           f"run_dir={cfg.run_dir}", flush=True)
+
+
+def probe_storage(cfg) -> None:
+    """Write and delete a small file in the run folder before anything starts: an unreachable or
+    unwritable storage path fails here, with the cause, not hours later at the first checkpoint."""
+    import uuid
+
+    from raytrainer import storage
+    from raytrainer.config import ConfigError
+    uri = storage.join(cfg.run_dir, f".raytrainer-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs, path = storage.filesystem(uri, cfg.storage_options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"probe")
+        fs.rm(path)
+    except Exception as e:
+        raise ConfigError(f"Trainer(storage_path={cfg.storage_path!r}) is not writable: writing {uri} "
+                          f"failed with {type(e).__name__}: {e}. Check the path, its permissions, and "
+                          "for s3:// the bucket, endpoint and AWS credentials") from e

@@ -340,3 +340,62 @@ def test_scripted_module_errors_surface_from_inside_fit(tmp_path):
 
     with pytest.raises(ZeroDivisionError, match="user bug"):
         make_trainer(tmp_path).fit(Boom([1.0]), loader(), loader())
+
+
+def test_unwritable_storage_path_fails_before_training(tmp_path):
+    """A probe write runs before any data is loaded or cluster started."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the run folder should go")
+    calls = []
+
+    class Spy(rt.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+
+        def setup(self, stage):
+            calls.append(stage)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = rt.Trainer(launcher="local", max_steps=1, storage_path=str(blocked / "runs"), name="x",
+                         enable_progress_bar=False)
+    with pytest.raises(rt.ConfigError, match=r"storage_path=.*is not writable"):
+        trainer.fit(Spy(), DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2))
+    assert calls == []  # nothing ran
+
+
+def test_unreachable_s3_endpoint_fails_before_training(tmp_path, monkeypatch):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+    class M(rt.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = rt.Trainer(launcher="local", max_steps=1, storage_path="s3://nobucket/runs", name="x",
+                         enable_progress_bar=False, storage_options={"connect_timeout": 2, "config_kwargs": {"retries": {"max_attempts": 1}}})
+    with pytest.raises(rt.ConfigError, match="is not writable"):
+        trainer.fit(M(), DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2))
+    s3fs.S3FileSystem.clear_instance_cache()
