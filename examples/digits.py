@@ -3,7 +3,8 @@
 
     python examples/digits.py [--launcher local|ray] [--devices 2] [--max-epochs 15]
 
-Expected: test accuracy >= 0.95 (seed 0), in under a minute on 2 CPU cores.
+Expected: test accuracy >= 0.95 (seed 0), in under a minute on 2 CPU cores; in-process
+(``--launcher local``) already after 8 epochs (tests/test_examples.py checks both).
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default="digits")
     args = p.parse_args(argv)
 
+    # Trainer(seed=0) seeds when fit starts, after the model exists: seed its initial weights too.
+    rt.seed_everything(0)
     trainer = rt.Trainer(
         launcher=args.launcher, devices=args.devices if args.launcher == "ray" else 1,
         max_epochs=args.max_epochs, seed=0, log_every_n_steps=5,

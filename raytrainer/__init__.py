@@ -7,10 +7,12 @@ from raytrainer import callbacks, loggers
 from raytrainer.callbacks import Callback
 from raytrainer.checkpoint import CheckpointError
 from raytrainer.checkpoint import load as load_checkpoint
+from raytrainer.checkpoint_writer import CheckpointUploadError
 from raytrainer.config import ConfigError
 from raytrainer.data import DataModule, RayDataLoader
 from raytrainer.module import Module
 from raytrainer.result import FitResult
+from raytrainer.run import NonFiniteLossError
 from raytrainer.trainer import Trainer
 from raytrainer.utilities import seed_everything
 
@@ -19,7 +21,7 @@ LightningDataModule = DataModule
 
 __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
            "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
-           "load_checkpoint", "CheckpointError", "sweep", "tune"]
+           "load_checkpoint", "CheckpointError", "CheckpointUploadError", "NonFiniteLossError", "sweep", "tune"]
 __version__ = "0.1.0"
 
 

@@ -454,6 +454,9 @@ def run(plan: Plan) -> int:
         print(f"[raytrainer] sweep finished: best checkpoint {getattr(best, 'checkpoint', None)}\n"
               f"  config: {uri}", flush=True)
         return 0
+    if plan.trainer.cfg.seed is not None:
+        # As LightningCLI: seed before the model is built, so its initial weights are the seed's.
+        rt.seed_everything(plan.trainer.cfg.seed)
     model, data = plan.build_model(), plan.build_data()
     if plan.command == "fit":
         uri = save_config(plan.config, plan.trainer)

@@ -79,6 +79,22 @@ class RayDataLoader:
         self.dtypes = dtypes  # e.g. torch.float32 or {"x": torch.float32}: Ray keeps float64 otherwise
 
 
+class RayDatasetIterable:
+    """A RayDataLoader iterated in this process (launcher="local", sweep trials): each pass over
+    it is one epoch of ``iter_torch_batches`` over the whole dataset."""
+
+    def __init__(self, loader: RayDataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        o = self.loader
+        dataset = o.dataset.random_shuffle() if o.shuffle else o.dataset
+        return iter(dataset.iter_torch_batches(
+            batch_size=o.batch_size, prefetch_batches=o.prefetch_batches,
+            local_shuffle_buffer_size=o.local_shuffle_buffer_size, drop_last=o.drop_last,
+            collate_fn=o.collate_fn, dtypes=o.dtypes))
+
+
 def resolve_loaders(stage: str, explicit: Any, datamodule: Any, module: Any) -> list | None:
     """The loaders for ``stage`` ("train" | "val" | "test" | "predict"): explicit arguments win,
     then the DataModule's ``{stage}_dataloader()``, then the Module's own. None when nobody
@@ -99,6 +115,8 @@ def resolve_loaders(stage: str, explicit: Any, datamodule: Any, module: Any) -> 
         if not (isinstance(loader, (DataLoader, RayDataLoader)) or _is_iterable(loader)):
             raise TypeError(f"{stage} loader #{i} is a {type(loader).__name__}, which is not "
                             "iterable; expected a torch DataLoader, an rt.RayDataLoader or an iterable of batches")
+    # Left here only when nothing hands it to Ray Train (the local launcher): iterate in-process.
+    loaders = [RayDatasetIterable(x) if isinstance(x, RayDataLoader) else x for x in loaders]
     if stage == "train" and len(loaders) != 1:
         raise ValueError(f"training takes exactly one train loader, got {len(loaders)}")
     return loaders

@@ -30,6 +30,7 @@ def fit_loop(run, train: TrainData, val_loaders: list) -> None:
         run.current_epoch += 1
         run.batches_done = 0
         run.epoch_finished = False
+    run.check_finite_losses()
     run.call("on_train_end")
     run.call("on_fit_end")
 
@@ -43,10 +44,10 @@ def _fit_done(run) -> bool:
 
 def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
     """Run the rest of ``run.current_epoch``; True when all its batches were consumed."""
-    cfg, module = run.cfg, run.module
+    cfg, module, metrics = run.cfg, run.module, run.metrics
     start = run.batches_done
     if start == 0:
-        run.metrics.start_epoch("train")
+        metrics.start_epoch("train")
     module.train()
     run.call("on_train_epoch_start")
     # Creating the iterator draws the epoch's shuffle seed; on a mid-epoch resume this restores
@@ -65,22 +66,22 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
     # tells (an accumulation window closes at the epoch's end). Lookahead is avoided otherwise:
     # fetching batch b+1 before step b would move RNG draws of data loading across a checkpoint.
     lookahead = math.isinf(n)
-    pending = _next(it) if batch_idx < n else _END
+    pending = next(it, _END) if batch_idx < n else _END
     while pending is not _END:
         batch = pending
         if lookahead:
-            pending = _next(it)
+            pending = next(it, _END)
             is_last = pending is _END
         else:
             is_last = batch_idx + 1 >= n
             pending = None  # fetched at the bottom of the loop, after this step
         batch = move_to_device(batch, run.device)
-        run.metrics.batch_size = infer_batch_size(batch)
+        metrics.batch_size = infer_batch_size(batch)
         # self.log defaults to per-step values from on_train_batch_start to on_train_batch_end
         # (training_step and the backward/optimizer hooks), per-epoch values elsewhere.
-        run.metrics.in_step = True
+        metrics.in_step = True
         if run.call("on_train_batch_start", batch, batch_idx) == -1:
-            run.metrics.in_step = False
+            metrics.in_step = False
             return True  # the module ended the epoch early (Lightning's -1): on to epoch end
         run.batches_done = batch_idx + 1
         steps_before = run.global_step
@@ -100,13 +101,14 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
             outputs = _manual_step(run, batch, batch_idx)
             window_done = True
         run.call("on_train_batch_end", outputs, batch, batch_idx)
-        run.metrics.in_step = False
+        metrics.in_step = False
 
         if run.global_step != steps_before and run.global_step % cfg.log_every_n_steps == 0:
-            # The only per-step host sync, and only every log_every_n_steps steps.
-            step_metrics = run.metrics.logger_filter(run.metrics.step_metrics(), "train")
+            # The only per-step host syncs, and only every log_every_n_steps steps.
+            run.check_finite_losses()
+            step_metrics = metrics.logger_filter(metrics.step_metrics(), "train")
             step_metrics["epoch"] = float(run.current_epoch)
-            run.metrics.logged_metrics.update(step_metrics)
+            metrics.logged_metrics.update(step_metrics)
             run.log_to_loggers(step_metrics, run.global_step)
 
         if val_loaders and _validation_due(run, batch_idx, is_last):
@@ -118,7 +120,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
         if run.should_stop or (cfg.max_steps != -1 and run.global_step >= cfg.max_steps):
             return is_last
         if not lookahead:
-            pending = _next(it) if not is_last else _END
+            pending = next(it, _END) if not is_last else _END
     return True
 
 
@@ -166,6 +168,7 @@ def _automatic_forward_backward(run, batch: Any, batch_idx: int, window_done: bo
         loss = extract_loss(outputs)
         if loss is None:
             return outputs, False
+        run.recent_losses.append((run.global_step, loss.detach()))  # checked on logging steps
         # Backward runs outside autocast (as torch recommends); the loss is averaged over the
         # window so k accumulated micro-batches equal one batch k times larger.
         k = run.cfg.accumulate_grad_batches
@@ -229,6 +232,3 @@ def _num_batches(train: TrainData, limit) -> float:
 _END = object()
 _NO_CONTEXT = nullcontext()  # reusable: one object for every step, not one per step
 
-
-def _next(it):
-    return next(it, _END)

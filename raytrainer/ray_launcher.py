@@ -23,7 +23,7 @@ import ray
 
 from raytrainer import storage
 from raytrainer.config import ConfigError
-from raytrainer.data import RayDataLoader, resolve_loaders
+from raytrainer.data import RayDataLoader, RayDatasetIterable, resolve_loaders
 from raytrainer.execute import execute
 from raytrainer.launch import print_resolved
 
@@ -101,6 +101,7 @@ def _split_ray_datasets(stage: str, trainer, module, datamodule, loaders: dict) 
             # The datamodule builds its Ray Datasets here on the driver (Ray Train must own them).
             given = resolve_loaders(kind, None, datamodule, None)
         items = given if isinstance(given, (list, tuple)) else ([given] if given is not None else [])
+        items = [x.loader if isinstance(x, RayDatasetIterable) else x for x in items]
         if not any(isinstance(x, RayDataLoader) for x in items):
             continue
         placeholders = []

@@ -55,13 +55,17 @@ class Run:
         self.boundary = None           # "step" | "epoch" while on_checkpoint_boundary runs
         self.last_saved_position = None
         self.boundary_checkpoint: str | None = None
+        self.recent_losses: list[tuple[int, torch.Tensor]] = []  # since the last finiteness check
         self.saved_checkpoints: list[str] = []
         self._hooks: dict[str, tuple] = {}  # hook -> (callbacks, module fn, callback fns)
 
     # ------------------------------------------------------------------ hooks
     def call(self, hook: str, *args: Any) -> Any:
         """Module hook, then each callback's (the documented order)."""
-        _, module_fn, callback_fns = self._implementations(hook)
+        entry = self._hooks.get(hook)
+        if entry is None or entry[0] is not self.callbacks:
+            entry = self._implementations(hook)
+        _, module_fn, callback_fns = entry
         out = module_fn(*args) if module_fn is not None else None
         for fn in callback_fns:
             fn(self.trainer, self.module, *args)
@@ -196,6 +200,25 @@ class Run:
         self.call("on_save_checkpoint", state)
         return state
 
+    def check_finite_losses(self) -> None:
+        """Raise at the first non-finite loss since the last check (one host sync for all of
+        them). Runs on logging steps and before every checkpoint snapshot, so a checkpoint of
+        weights trained on a NaN/inf loss is never committed."""
+        if not self.recent_losses:
+            return
+        steps, losses = zip(*self.recent_losses)
+        self.recent_losses = []
+        finite = torch.isfinite(torch.stack(losses).float()).tolist()
+        if all(finite):
+            return
+        bad = finite.index(False)
+        value = float(losses[bad])
+        raise NonFiniteLossError(
+            f"the training loss was {value} at step {steps[bad]} (epoch {self.current_epoch}); training "
+            "stopped and no checkpoint of the weights after it was committed. Lower the learning "
+            "rate, clip gradients (gradient_clip_val), check the data for NaN/inf, or use "
+            "precision='bf16-mixed' instead of '16-mixed'; resume from the last checkpoint with ckpt_path='last'")
+
     def checkpoint_uri(self) -> str:
         """Where a checkpoint of the current position goes (deterministic: step and boundary)."""
         return ckpt_io.checkpoint_uri(self.cfg, self.global_step, self.epoch_finished)
@@ -204,6 +227,7 @@ class Run:
         """Snapshot the current state as ``checkpoints/step=...`` and return its URI. The commit
         completes in the background (``Trainer(async_checkpoint=True)``); ``after_commit`` runs
         once it has."""
+        self.check_finite_losses()
         uri = self.checkpoint_uri()
         if self.last_saved_position == self.position():
             if after_commit:  # e.g. a second ModelCheckpoint at the same boundary: its retention
@@ -276,6 +300,10 @@ def _is_default(fn: Any, base: type, hook: str) -> bool:
     """True when ``fn`` (a bound method or None) is ``base``'s no-op for ``hook`` (an
     override, or a function set on the instance, is not)."""
     return fn is None or getattr(fn, "__func__", None) is getattr(base, hook, None)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 def _merge_callbacks(given: list[Callback], from_module: Any) -> list[Callback]:

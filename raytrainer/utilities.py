@@ -46,7 +46,10 @@ def _on_device(batch: Any, device: torch.device) -> bool:
     cls = type(batch)
     if cls is list or cls is tuple or cls is dict:
         for v in (batch.values() if cls is dict else batch):
-            if not _on_device(v, device):
+            if isinstance(v, torch.Tensor):  # the usual leaf, checked without recursing
+                if v.device != device:
+                    return False
+            elif not _on_device(v, device):
                 return False
         return True
     return isinstance(batch, _LEAVES)

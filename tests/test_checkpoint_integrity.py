@@ -522,3 +522,108 @@ def test_missing_ckpt_path_names_the_path(store, stage):
         else:
             getattr(trainer, stage)(LinearModel(), loader(), ckpt_path=missing, verbose=False)
     assert missing in str(err.value)
+
+
+# ---------------------------------------------------------------- storage failures: retry, then raise
+
+@pytest.fixture
+def recorded_backoff(monkeypatch):
+    """The retry waits of checkpoint commits, recorded instead of slept: the real default
+    RetryPolicy runs, and the test takes no time."""
+    import types
+
+    from raytrainer import checkpoint_writer
+    waits: list[float] = []
+    monkeypatch.setattr(checkpoint_writer, "time", types.SimpleNamespace(
+        sleep=waits.append, perf_counter=time.perf_counter))
+    return waits
+
+
+def _failing(monkeypatch, target: str, folder: str, times: int | None, file: str = "model.pt") -> list[str]:
+    """Make ``checkpoint._write_marker`` (target="marker") or the write of ``file`` (target="data")
+    raise OSError for checkpoint ``folder``: the first ``times`` calls, or always (None)."""
+    calls: list[str] = []
+    real = ckpt_io._write_marker if target == "marker" else ckpt_io._write
+
+    def flaky(fs, path, *args):
+        if path.endswith(folder) and (target == "marker" or args[0] == file):
+            calls.append(path)
+            if times is None or len(calls) <= times:
+                raise OSError(f"simulated storage outage #{len(calls)}")
+        return real(fs, path, *args)
+
+    monkeypatch.setattr(ckpt_io, "_write_marker" if target == "marker" else "_write", flaky)
+    return calls
+
+
+@pytest.mark.parametrize("target", ["marker", "data"])
+@pytest.mark.parametrize("async_checkpoint", [True, False], ids=["async", "sync"])
+def test_transient_storage_failure_is_retried_with_backoff_and_commits(
+        store, monkeypatch, capsys, recorded_backoff, async_checkpoint, target):
+    """Step 2's commit fails twice (the marker, or model.pt), then storage recovers: the commit is
+    retried after 0.5 s and 1 s (the default exponential backoff), lands, and training goes on."""
+    calls = _failing(monkeypatch, target, _step(2), times=2)
+    result = _trainer(store, [_every_step()], max_steps=4, async_checkpoint=async_checkpoint).fit(
+        LinearModel(), loader(shuffle=True))
+
+    assert result.global_step == 4  # training finished
+    assert len(calls) == 3          # two failures, then the attempt that succeeded
+    assert recorded_backoff == [0.5, 1.0]
+    assert _committed(store) == [_step(n) for n in range(1, 5)]
+    state = rt.load_checkpoint(_uri(store, _step(2)))  # hashes verified: the retry wrote it whole
+    assert state["global_step"] == 2
+    out = capsys.readouterr().out
+    retries = [line for line in out.splitlines() if "retrying in" in line]
+    assert len(retries) == 2, out
+    assert all(_step(2) in line and "OSError: simulated storage outage" in line for line in retries)
+    assert "retrying in 0.5s" in retries[0] and "retrying in 1.0s" in retries[1]
+
+    # The retried checkpoint resumes exactly: from step 2 to 4 equals the straight run.
+    resumed = LinearModel()
+    _trainer(store, name="resumed", max_steps=4, enable_checkpointing=False).fit(
+        resumed, loader(shuffle=True), ckpt_path=_uri(store, _step(2)))
+    straight = LinearModel()
+    _trainer(store, name="straight", max_steps=4, enable_checkpointing=False).fit(straight, loader(shuffle=True))
+    assert torch.equal(flat_params(resumed), flat_params(straight))
+
+
+@pytest.mark.parametrize("target", ["marker", "data"])
+@pytest.mark.parametrize("async_checkpoint", [True, False], ids=["async", "sync"])
+def test_permanent_failure_of_the_final_checkpoint_raises_at_fit_end(
+        store, monkeypatch, capsys, recorded_backoff, async_checkpoint, target):
+    """The *last* save of a fit never commits: fit raises CheckpointUploadError naming it (a
+    synchronous commit at the save; an asynchronous one when fit waits for it after the loop has
+    ended: never dropped), and the previous
+    checkpoint, which retention would have deleted once step 3 committed, is still there and
+    loadable. (A permanent failure mid-fit, raised at the next save, is
+    test_interrupted_save_is_never_resumed_from.)"""
+    from raytrainer.checkpoint_writer import CheckpointUploadError
+
+    class TrainEnd(rt.Callback):
+        ended = False
+
+        def on_train_end(self, trainer, pl_module):
+            TrainEnd.ended = True
+
+    calls = _failing(monkeypatch, target, _step(3), times=None)
+    keep_one = rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)
+    with pytest.raises(CheckpointUploadError) as err:
+        _trainer(store, [keep_one, TrainEnd()], max_steps=3, async_checkpoint=async_checkpoint).fit(
+            LinearModel(), loader(shuffle=True))
+    msg = str(err.value)
+    assert _uri(store, _step(3)) in msg and "failed after 5 attempts" in msg
+    assert "OSError: simulated storage outage" in msg
+    assert len(calls) == 5 and recorded_backoff == [0.5, 1.0, 2.0, 4.0]
+    assert TrainEnd.ended == async_checkpoint  # async: the loop finished, the failure surfaced after
+    assert capsys.readouterr().out.count("retrying in") == 4
+
+    # step 1 was evicted after step 2 committed; step 2 survives step 3's failed commit.
+    assert _committed(store) == [_step(2)]
+    assert rt.load_checkpoint(_uri(store, _step(2)))["global_step"] == 2
+    with pytest.raises(rt.CheckpointError, match="not committed"):
+        rt.load_checkpoint(_uri(store, _step(3)))
+    monkeypatch.undo()  # storage works again: "last" resumes from step 2
+    starts = StartStep()
+    result = _trainer(store, [starts], max_steps=3, enable_checkpointing=False).fit(
+        LinearModel(), loader(shuffle=True), ckpt_path="last")
+    assert starts.starts == [2] and result.global_step == 3

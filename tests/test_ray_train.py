@@ -119,3 +119,15 @@ def test_worker_exception_reaches_driver_with_type_message_and_line(ray_cluster,
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "Ray Train worker rank" in notes
     assert 'raise ValueError("boom in training_step")' in notes
+
+
+def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
+    """launcher="local" iterates a RayDataLoader in-process: every row once per epoch."""
+    import ray.data
+    ds = ray.data.from_items([{"x": [float(i)] * 4, "y": [4.0 * i], "i": i} for i in range(50)])
+    model = Recorder()
+    result = rt.Trainer(launcher="local", max_epochs=2, storage_path=str(tmp_path), name="local-ray-data",
+                        logger=False, enable_progress_bar=False).fit(
+        model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
+    assert result.global_step == 10
+    assert sorted(model.seen) == sorted(list(range(50)) * 2)
