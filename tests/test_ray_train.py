@@ -83,7 +83,7 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_and_weights(ray_cluster,
 def test_ray_dataset_uneven_rows_same_steps_on_every_worker(ray_cluster, tmp_path):
     import ray.data
     n = 101  # not divisible by 2 workers
-    ds = ray.data.from_items([{"x": [float(i)] * 4, "y": [4.0 * i], "i": i} for i in range(n)])
+    ds = ray.data.from_items([{"x": [i / n] * 4, "y": [4 * i / n], "i": i} for i in range(n)])
     model = Recorder(out_dir=str(tmp_path))
     result = _trainer(tmp_path, max_epochs=1).fit(model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -124,7 +124,7 @@ def test_worker_exception_reaches_driver_with_type_message_and_line(ray_cluster,
 def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
     """launcher="local" iterates a RayDataLoader in-process: every row once per epoch."""
     import ray.data
-    ds = ray.data.from_items([{"x": [float(i)] * 4, "y": [4.0 * i], "i": i} for i in range(50)])
+    ds = ray.data.from_items([{"x": [i / 50] * 4, "y": [4 * i / 50], "i": i} for i in range(50)])
     model = Recorder()
     result = rt.Trainer(launcher="local", max_epochs=2, storage_path=str(tmp_path), name="local-ray-data",
                         logger=False, enable_progress_bar=False).fit(
