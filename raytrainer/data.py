@@ -26,7 +26,13 @@ class DataModule:
 
     ``prepare_data`` runs once per node before any worker reads data (downloads, preprocessing);
     ``setup(stage)`` runs in every worker.
+
+    A DataModule whose ``*_dataloader()`` return ``rt.RayDataLoader``s sets ``ray_datasets = True``:
+    with the Ray launcher those methods are then called on the driver (Ray Train must own the
+    datasets to split them across workers), after Ray is started.
     """
+
+    ray_datasets = False
 
     def __init__(self) -> None:
         self._rt_hparams = AttributeDict()
