@@ -22,11 +22,13 @@ def launch(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) ->
 
 def print_resolved(trainer, stage: str, where: str) -> None:
     cfg = trainer.cfg
-    limits = [] if cfg.max_steps == -1 else [f"max_steps={cfg.max_steps}"]
-    limits += [] if cfg.max_epochs == -1 else [f"max_epochs={cfg.max_epochs}"]
-    print(f"[raytrainer] {stage}: {where} precision={cfg.precision} strategy={cfg.strategy} "
-          f"{' '.join(limits)} accumulate_grad_batches={cfg.accumulate_grad_batches} "
-          f"run_dir={cfg.run_dir}", flush=True)
+    training = []  # limits and accumulation mean nothing to validate/test/predict
+    if stage == "fit":
+        training += [] if cfg.max_steps == -1 else [f"max_steps={cfg.max_steps}"]
+        training += [] if cfg.max_epochs == -1 else [f"max_epochs={cfg.max_epochs}"]
+        training += [f"accumulate_grad_batches={cfg.accumulate_grad_batches}", f"strategy={cfg.strategy}"]
+    print(f"[raytrainer] {stage}: {where} precision={cfg.precision} {' '.join(training)} "
+          f"run_dir={cfg.run_dir}".replace("  ", " "), flush=True)
 
 
 def probe_storage(cfg) -> None:
