@@ -1,0 +1,200 @@
+"""MLflow logger: one MLflow run per training run, kept across restarts and resumes."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Mapping
+
+from raytrainer.loggers import _hparams, _sync
+from raytrainer.loggers.base import Logger
+
+# MLflow's documented limits (mlflow.utils.validation), fixed here so they hold for every version:
+# 6000-char param values since MLflow 2.x (500 before), 250-char keys, 100 params and 1000 metrics
+# per log_batch call.
+MAX_PARAM_VALUE = 6000
+MAX_KEY = 250
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")  # MLflow accepts [/\w.\- ] (and ':' off Windows)
+
+
+def _import_mlflow():
+    try:
+        from mlflow.tracking import MlflowClient  # lazy: `import raytrainer` never needs mlflow
+    except ImportError as e:
+        raise ImportError("MLflowLogger needs MLflow: pip install raytrainer[mlflow]") from e
+    return MlflowClient
+
+
+def _key(name: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", str(name))[:MAX_KEY]
+
+
+class MLflowLogger(Logger):
+    """Log metrics (with their steps) and flattened hyperparameters to an MLflow tracking store.
+
+    **One MLflow run per training run.** The run is created on first use; its id is stored in
+    every checkpoint through ``state_dict()`` and read back by ``load_state_dict()`` on resume, so
+    ``fit(..., ckpt_path="last")`` with a *new* MLflowLogger continues the same run (set back to
+    RUNNING, then FINISHED or FAILED by ``finalize``).
+
+    **Tracking URI**, in order: ``tracking_uri=``; MLflow's ``MLFLOW_TRACKING_URI`` environment
+    variable; for a local run dir, ``sqlite:///{run_dir}/mlflow.db`` with artifacts under
+    ``{run_dir}/mlartifacts`` (MLflow 3 refuses the old ``file:`` store unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``; a ``file:`` URI given explicitly still works where MLflow
+    allows it). A remote run dir has no default: pass an MLflow server's URI. The resolved URI is
+    printed when the run opens. Browse with ``mlflow ui --backend-store-uri <uri>``.
+
+    Params are flattened (``opt/lr``), stringified and cut to MLflow's limits; MLflow params are
+    write-once, so a resumed run logs only params it does not have yet and reports changed ones.
+    """
+
+    def __init__(self, experiment_name: str = "raytrainer", run_name: str | None = None,
+                 tracking_uri: str | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        self._experiment_name = experiment_name
+        self._run_name = run_name
+        self._tracking_uri = tracking_uri
+        self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self._run_dir: str | None = None
+        self._run_id: str | None = None
+        self._client = None
+        self._uri: str | None = None  # resolved when the client is made
+        self._opened = False  # this process has (re)opened the run: status is RUNNING
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """The tracking URI in use, or that will be (resolved as the class docstring says)."""
+        return self._uri or self._resolve_uri()
+
+    def _resolve_uri(self) -> str | None:
+        explicit = self._tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if explicit:
+            return explicit
+        local = self._local_run_dir()
+        return None if local is None else f"sqlite:///{local}/mlflow.db"
+
+    def _local_run_dir(self) -> str | None:
+        if self._run_dir is None or _sync.is_remote(self._run_dir):
+            return None
+        return os.path.abspath(_sync.strip_file_scheme(self._run_dir))
+
+    def setup(self, run_dir: str, storage_options=None) -> None:
+        self._run_dir = run_dir
+
+    @property
+    def experiment(self):
+        """The ``MlflowClient`` bound to this logger's tracking URI, with the run open."""
+        if self._client is None:
+            # Resolved once per process: a Ray worker resolves in its own environment.
+            self._uri = uri = self._resolve_uri()
+            if uri is None:
+                raise ValueError(f"MLflowLogger: the run dir {self._run_dir!r} is remote (or setup() "
+                                 "was not called) and no tracking URI is set: pass tracking_uri= "
+                                 "(e.g. http://mlflow-server:5000) or set MLFLOW_TRACKING_URI")
+            if uri.startswith("sqlite:///"):
+                os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+            self._client = _import_mlflow()(uri)
+        if not self._opened:
+            self._open_run()
+        return self._client
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        exp = client.get_experiment_by_name(self._experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        local = self._local_run_dir()
+        if local is not None and self._uri == f"sqlite:///{local}/mlflow.db":
+            # The default store: keep artifacts beside it, not in MLflow's ./mlartifacts (the cwd).
+            location = os.path.join(local, "mlartifacts")
+        try:
+            return client.create_experiment(self._experiment_name, artifact_location=location)
+        except MlflowException:  # created by someone else in between: use theirs
+            exp = client.get_experiment_by_name(self._experiment_name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _open_run(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        if self._run_id is not None:
+            try:
+                run = client.get_run(self._run_id)
+            except MlflowException:  # e.g. the checkpoint came from a run on another tracking store
+                print(f"[raytrainer] MLflowLogger: run {self._run_id} is not in {self._uri}; "
+                      "starting a new MLflow run", flush=True)
+                self._run_id = None
+            else:
+                if run.info.status != "RUNNING":
+                    client.update_run(self._run_id, status="RUNNING")  # resumed
+        if self._run_id is None:
+            run = client.create_run(self._experiment_id(), run_name=self._run_name, tags=self._tags)
+            self._run_id = run.info.run_id
+        self._opened = True
+        print(f"[raytrainer] MLflowLogger: tracking_uri={self._uri} "
+              f"experiment={self._experiment_name!r} run_id={self._run_id}", flush=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        client = self.experiment
+        now = int(time.time() * 1000)
+        batch = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), METRICS_PER_BATCH):
+            client.log_batch(self._run_id, metrics=batch[i:i + METRICS_PER_BATCH])
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        client = self.experiment
+        flat = {_key(k): str(v)[:MAX_PARAM_VALUE] for k, v in _hparams.flatten(params).items()}
+        existing = client.get_run(self._run_id).data.params
+        changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
+        if changed:  # MLflow would reject the whole batch: log what is new, name what is not
+            print(f"[raytrainer] MLflowLogger: params {changed} differ from those already logged "
+                  f"to run {self._run_id}; MLflow params cannot change, keeping the old values",
+                  flush=True)
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(new), PARAMS_PER_BATCH):
+            client.log_batch(self._run_id, params=new[i:i + PARAMS_PER_BATCH])
+
+    def finalize(self, status: str) -> None:
+        if not self._opened:
+            return  # nothing was logged in this process
+        self._client.set_terminated(self._run_id, "FINISHED" if status == "success" else "FAILED")
+        self._opened = False  # a later stage (validate after fit) reopens the same run
+
+    def state_dict(self) -> dict:
+        return {"mlflow_run_id": self._run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume, continue the checkpoint's MLflow run."""
+        run_id = state.get("mlflow_run_id")
+        if not isinstance(run_id, str) or run_id == self._run_id:
+            return
+        if self._opened:
+            # A run opened before the checkpoint was read (the client touched before fit): close
+            # it; the next log reopens the checkpoint's run, status RUNNING again.
+            self._client.set_terminated(self._run_id, "FINISHED")
+            self._opened = False
+        self._run_id = run_id
+
+    def __getstate__(self) -> dict:
+        # The client holds a database engine / HTTP session; a worker makes its own.
+        state = self.__dict__.copy()
+        state.update(_client=None, _uri=None, _opened=False)
+        return state
