@@ -95,8 +95,11 @@ def main(argv=None) -> dict:
     p.add_argument("--mb", type=float, default=100.0)
     p.add_argument("--checkpoints", type=int, default=4)
     p.add_argument("--every", type=int, default=30, help="training steps between checkpoints")
+    p.add_argument("--quick", action="store_true", help="20 MiB, 3 checkpoints every 10 steps")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.quick:
+        args.mb, args.checkpoints, args.every = 20.0, 3, 10
     width = int((args.mb * 2**20 / 4) ** 0.5)  # a width x width fp32 weight of ~mb MiB
     torch.set_num_threads(1)
     server = _start_s3()

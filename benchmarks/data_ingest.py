@@ -72,8 +72,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--quick", action="store_true", help="50,000 rows")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rows = 50_000
     ensure_ray()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, FEATURES), dtype=np.float32)

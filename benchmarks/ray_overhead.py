@@ -138,8 +138,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="100 steps, 1 repeat")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 100, 1
     from raytrainer.ray_launcher import ensure_ray
     t0 = time.time()
     ensure_ray()  # the same fast settings for both contenders (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)

@@ -38,8 +38,11 @@ def main(argv=None) -> dict:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--epoch-delay", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="4 trials x 4 epochs")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.quick:
+        args.trials, args.epochs, args.epoch_delay = 4, 4, 0.5
     # log-spaced learning rates, interleaved good and bad so both schedulers see a fair order
     lrs = [round(10 ** (-4 + 3 * i / (args.trials - 1)), 6) for i in range(args.trials)]
     lrs = lrs[::2][::-1] + lrs[1::2]
