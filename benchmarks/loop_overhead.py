@@ -75,11 +75,23 @@ def fresh_net(kind: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- contenders
+class _Clock:
+    """Wall time (what the tables report) and this process's CPU time (less sensitive to other
+    work on the machine: with one torch thread and no loader workers the two agree when the
+    machine is quiet)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def fit_raw(net: nn.Module, loader: DataLoader, steps: int, log_every: int, bar: bool,
             out_dir: str) -> float:
     """The hand-written loop: the same work a trainer does for this job, nothing more."""
     from tqdm import tqdm
-    t0 = time.perf_counter()
+    clock = _Clock()
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     net.train()
     with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
@@ -106,7 +118,7 @@ def fit_raw(net: nn.Module, loader: DataLoader, steps: int, log_every: int, bar:
             if pbar is not None:
                 pbar.close()
             epoch += 1
-    return time.perf_counter() - t0
+    return clock.read()
 
 
 class RTModel(rt.Module):
@@ -127,13 +139,13 @@ class RTModel(rt.Module):
 def fit_raytrainer(net: nn.Module, loader: DataLoader, steps: int, log_every: int, bar: bool,
                    out_dir: str) -> float:
     model = RTModel(net)
-    t0 = time.perf_counter()
+    clock = _Clock()
     trainer = rt.Trainer(launcher="local", accelerator="cpu", max_steps=steps,
                          logger=rt.loggers.CSVLogger(save_dir=out_dir), enable_checkpointing=False,
                          enable_progress_bar=bar, log_every_n_steps=log_every,
                          storage_path=out_dir, name="rt")
     trainer.fit(model, loader)
-    return time.perf_counter() - t0
+    return clock.read()
 
 
 def _import_lightning():
@@ -172,14 +184,14 @@ if PL is not None:
 def fit_lightning(net: nn.Module, loader: DataLoader, steps: int, log_every: int, bar: bool,
                   out_dir: str) -> float:
     model = PLModel(net)
-    t0 = time.perf_counter()
+    clock = _Clock()
     trainer = PL.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1,
                          logger=PL.loggers.CSVLogger(save_dir=out_dir), enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
                          enable_progress_bar=bar, log_every_n_steps=log_every,
                          default_root_dir=out_dir)
     trainer.fit(model, loader)
-    return time.perf_counter() - t0
+    return clock.read()
 
 
 CONTENDERS = {"raw": fit_raw, "raytrainer": fit_raytrainer}
@@ -199,7 +211,7 @@ def _quiet():
 
 
 def time_one(contender: str, kind: str, ds: TensorDataset, steps: int, log_every: int,
-             bar: bool) -> tuple[float, nn.Module]:
+             bar: bool) -> tuple[tuple[float, float], nn.Module]:
     net = fresh_net(kind)
     loader = make_loader(ds)
     with tempfile.TemporaryDirectory(prefix=f"bench-{contender}-") as out_dir, _quiet():
@@ -245,29 +257,33 @@ def run(args) -> dict:
     gc.collect()
     gc.freeze()
     samples = {label(s): {c: [] for c in names} for s in cases}
+    cpu_samples = {label(s): {c: [] for c in names} for s in cases}
     for r in range(args.repeats):
         # Interleaved: every setting once per repeat, contenders in a rotated order, so slow
         # phases of the machine hit every contender alike.
         order = names[r % len(names):] + names[:r % len(names)]
         for s in cases:
             for c in order:
-                seconds, _ = time_one(c, s["model"], datasets[s["model"]], args.steps,
-                                      s["log_every_n_steps"], s["progress_bar"])
-                samples[label(s)][c].append(seconds)
+                (wall, cpu), _ = time_one(c, s["model"], datasets[s["model"]], args.steps,
+                                          s["log_every_n_steps"], s["progress_bar"])
+                samples[label(s)][c].append(wall)
+                cpu_samples[label(s)][c].append(cpu)
         print(f"  repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
     rows = []
     for s in cases:
-        t = samples[label(s)]
+        t, cpu = samples[label(s)], cpu_samples[label(s)]
         row = {**s, "setting": label(s), "steps": args.steps, "raw_s": statistics.median(t["raw"])}
         for c in names[1:]:
             ratios = [a / b for a, b in zip(t[c], t["raw"])]  # paired within a repeat
             row[f"{c}_s"] = statistics.median(t[c])
             row[f"{c}_ratio"] = statistics.median(ratios)
             row[f"{c}_ratio_range"] = [min(ratios), max(ratios)]
+            row[f"{c}_cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[c], cpu["raw"]))
             row[f"{c}_overhead_us_per_step"] = statistics.median(
                 (a - b) / args.steps * 1e6 for a, b in zip(t[c], t["raw"]))
         row["samples_s"] = t
+        row["cpu_samples_s"] = cpu
         rows.append(row)
     return {
         "benchmark": "loop_overhead",
@@ -284,12 +300,13 @@ def run(args) -> dict:
 
 def format_table(result: dict) -> str:
     names = result["contenders"]
-    head = ["setting", "raw s"] + [f"{c} s (x raw)" for c in names[1:]] + \
+    head = ["setting", "raw s"] + [f"{c} s (x raw; cpu x raw)" for c in names[1:]] + \
            [f"{c} overhead us/step" for c in names[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["results"]:
         cells = [row["setting"], f"{row['raw_s']:.3f}"]
-        cells += [f"{row[f'{c}_s']:.3f} ({row[f'{c}_ratio']:.3f}x)" for c in names[1:]]
+        cells += [f"{row[f'{c}_s']:.3f} (**{row[f'{c}_ratio']:.3f}x**; {row[f'{c}_cpu_ratio']:.3f}x)"
+                  for c in names[1:]]
         cells += [f"{row[f'{c}_overhead_us_per_step']:.0f}" for c in names[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     cfg = result["config"]
@@ -297,7 +314,9 @@ def format_table(result: dict) -> str:
     lines.append(f"{cfg['steps']} steps, batch {cfg['batch_size']}, {cfg['batches_per_epoch']} batches "
                  f"per epoch, {cfg['optimizer']}, {cfg['logger']} logger; torch.set_num_threads(1) for "
                  f"every contender; median of {cfg['repeats']} interleaved repeats; ratios paired per "
-                 "repeat; whole fit timed (setup included); progress bars written to /dev/null.")
+                 "repeat; whole fit timed (setup included); progress bars written to /dev/null. "
+                 "Bold: wall-time ratio; then the same for the process's CPU time (less disturbed "
+                 "by other work on the machine).")
     if result["lightning"] is None:
         lines.append("Lightning not importable: `pip install -e '.[bench]'` to compare with it.")
     return "\n".join(lines)
@@ -316,7 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this path")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats = min(args.steps, 200), min(args.repeats, 3)
+        args.steps, args.repeats = min(args.steps, 150), min(args.repeats, 3)
     args.bars = [b == "on" for b in args.bars]
     result = run(args)
     print(format_table(result))

@@ -208,11 +208,13 @@ class Run:
             return
         steps, losses = zip(*self.recent_losses)
         self.recent_losses = []
-        finite = torch.isfinite(torch.stack(losses).float()).tolist()
-        if all(finite):
+        # The values themselves, tested on the host: two tensor ops (one for a single loss, as
+        # with log_every_n_steps=1) instead of stack, cast, isfinite and tolist on every check.
+        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is None:
             return
-        bad = finite.index(False)
-        value = float(losses[bad])
+        value = values[bad]
         raise NonFiniteLossError(
             f"the training loss was {value} at step {steps[bad]} (epoch {self.current_epoch}); training "
             "stopped and no checkpoint of the weights after it was committed. Lower the learning "
