@@ -37,9 +37,61 @@ def _loop_overhead_table(result: dict) -> str:
     return format_table(result)
 
 
-# name -> (script in benchmarks/, extra arguments, JSON -> Markdown). The lead extends this list.
+def _ray_overhead_table(r: dict) -> str:
+    rows = ["| contender | step ms | fit() -> first step s | last step -> fit() returns s | whole fit s |",
+            "|---|---|---|---|---|"]
+    for name, m in r["median"].items():
+        rows.append(f"| {name} | {m['step_ms']:.2f} | {m['start_cost_s']:.2f} | {m['end_cost_s']:.2f} | {m['total_s']:.2f} |")
+    q = r["ratios"]
+    rows.append(f"| **ratio** | **{q['step_ms']:.3f}x** | **{q['start_cost_s']:.3f}x** | **{q['end_cost_s']:.3f}x** | **{q['total_s']:.3f}x** |")
+    return "\n".join(rows) + (f"\n\n{r['steps']} steps on 2 CPU workers (gloo), median of the repeats; "
+                              f"ray.init {r['ray_init_s']:.1f} s not counted. Goal: {r['goal']}.")
+
+
+def _checkpoint_table(r: dict) -> str:
+    rows = ["| storage | sync blocked s | async blocked s | **async / sync** | fit sync s | fit async s |",
+            "|---|---|---|---|---|---|"]
+    for where, x in r["results"].items():
+        rows.append(f"| {where} | {x['sync']['blocked_s']:.3f} | {x['async']['blocked_s']:.3f} | "
+                    f"**{x['ratio']:.3f}x** | {x['sync']['fit_s']:.2f} | {x['async']['fit_s']:.2f} |")
+    return "\n".join(rows) + f"\n\nState {r['state_mb']:.0f} MiB; median blocked time per checkpoint. Goal: {r['goal']}."
+
+
+def _ingest_table(r: dict) -> str:
+    rows = ["| input | rows/s per worker | vs torch DataLoader |", "|---|---|---|"]
+    for name, x in r["results"].items():
+        rows.append(f"| {name} | {x['rows_per_s']:,.0f} | **{x['ratio_vs_torch']:.2f}x** |")
+    return "\n".join(rows) + f"\n\n{r['rows']} rows, batch {r['batch']}, 2 Ray workers, warm epoch."
+
+
+def _resume_table(r: dict) -> str:
+    rows = ["| resume at | step | resume s | restore s | skip + first batch s | replaying instead s |",
+            "|---|---|---|---|---|---|"]
+    for pct, x in r["results"].items():
+        rows.append(f"| {pct} | {x['step']} | {x['resume_s']:.4f} | {x['restore_s']:.4f} | "
+                    f"{x['skip_and_first_batch_s']:.4f} | {x['replay_s']:.3f} |")
+    return "\n".join(rows) + (f"\n\n**resume@90% / resume@10%: {r['ratio']:.3f}x** (goal <= 1.2); "
+                              f"{r['samples']} samples, {r['batches_per_epoch']} batches per epoch, median of "
+                              f"{r['repeats']} interleaved resumes.")
+
+
+def _sweep_table(r: dict) -> str:
+    rows = ["| scheduler | wall s | epochs trained | stopped early | best val_loss | best lr |", "|---|---|---|---|---|---|"]
+    for name in ("asha", "fifo"):
+        x = r[name]
+        rows.append(f"| {name.upper()} | {x['wall_s']:.1f} | {x['epochs_trained']} | {x['early_stopped']} | "
+                    f"{x['best_val_loss']:.3g} | {x['best_lr']:g} |")
+    return "\n".join(rows) + f"\n\n**ASHA / FIFO wall time: {r['wall_ratio']:.3f}x** ({r['trials']} trials x {r['epochs']} epochs)."
+
+
+# name -> (script in benchmarks/, extra arguments, JSON -> Markdown).
 BENCHMARKS: dict[str, tuple[str, list[str], Callable[[dict], str]]] = {
     "loop_overhead": ("loop_overhead.py", [], _loop_overhead_table),
+    "ray_overhead": ("ray_overhead.py", [], _ray_overhead_table),
+    "data_ingest": ("data_ingest.py", [], _ingest_table),
+    "checkpoint_blocking": ("checkpoint_blocking.py", [], _checkpoint_table),
+    "resume_cost": ("resume_cost.py", [], _resume_table),
+    "sweep_efficiency": ("sweep_efficiency.py", [], _sweep_table),
 }
 
 
