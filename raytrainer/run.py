@@ -32,7 +32,7 @@ class Run:
         self.datamodule = datamodule
         self.device = ctx.device
         self.metrics = MetricCollector(ctx.all_reduce, ctx.world_size)
-        self.callbacks: list[Callback] = _merge_callbacks(trainer.callbacks, module.configure_callbacks())
+        self.callbacks = _merge_callbacks(trainer.callbacks, module.configure_callbacks())
         if ctx.global_rank != 0:
             # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.
             self.callbacks = [cb for cb in self.callbacks if not getattr(cb, "rank_zero_only", False)]
@@ -57,26 +57,29 @@ class Run:
         self.boundary_checkpoint: str | None = None
         self.recent_losses: list[tuple[int, torch.Tensor]] = []  # since the last finiteness check
         self.saved_checkpoints: list[str] = []
-        self._hooks: dict[str, tuple] = {}  # hook -> (callbacks, module fn, callback fns)
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def callbacks(self) -> list[Callback]:
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, callbacks: list[Callback]) -> None:
+        self._callbacks = callbacks
+        self._implemented: dict[str, tuple] = {}  # hook -> (module fn, callback fns)
+        self.hooks = _Hooks(self)
+
     def call(self, hook: str, *args: Any) -> Any:
         """Module hook, then each callback's (the documented order)."""
-        entry = self._hooks.get(hook)
-        if entry is None or entry[0] is not self.callbacks:
-            entry = self._implementations(hook)
-        _, module_fn, callback_fns = entry
-        out = module_fn(*args) if module_fn is not None else None
-        for fn in callback_fns:
-            fn(self.trainer, self.module, *args)
-        return out
+        fn = getattr(self.hooks, hook)
+        return fn(*args) if fn is not None else None
 
     def call_module(self, hook: str, *args: Any) -> Any:
-        module_fn = self._implementations(hook)[1]
+        module_fn = self._implementations(hook)[0]
         return module_fn(*args) if module_fn is not None else None
 
     def call_callbacks(self, hook: str, *args: Any) -> None:
-        for fn in self._implementations(hook)[2]:
+        for fn in self._implementations(hook)[1]:
             fn(self.trainer, self.module, *args)
 
     def _implementations(self, hook: str) -> tuple:
@@ -84,16 +87,29 @@ class Run:
         Module's no-op default, and the callbacks whose method is not Callback's no-op. The step
         loop fires six hooks per batch; calling every inherited no-op of the module and of each
         callback every step would be most of the loop's own overhead."""
-        entry = self._hooks.get(hook)
-        if entry is not None and entry[0] is self.callbacks:  # a new callbacks list: look again
-            return entry
-        module_fn = getattr(self.module, hook, None)
-        if _is_default(module_fn, _module_base(), hook):
-            module_fn = None
-        callback_fns = [fn for fn in (getattr(cb, hook) for cb in self.callbacks)
-                        if not _is_default(fn, Callback, hook)]
-        self._hooks[hook] = entry = (self.callbacks, module_fn, callback_fns)
+        entry = self._implemented.get(hook)
+        if entry is None:
+            module_fn = getattr(self.module, hook, None)
+            if _is_default(module_fn, _module_base(), hook):
+                module_fn = None
+            callback_fns = [fn for fn in (getattr(cb, hook) for cb in self.callbacks)
+                            if not _is_default(fn, Callback, hook)]
+            self._implemented[hook] = entry = (module_fn, callback_fns)
         return entry
+
+    def _dispatcher(self, hook: str):
+        """One function running ``hook``'s implementations in order, or None when there are none."""
+        module_fn, callback_fns = self._implementations(hook)
+        if not callback_fns:
+            return module_fn
+        trainer, module = self.trainer, self.module
+
+        def dispatch(*args: Any) -> Any:
+            out = module_fn(*args) if module_fn is not None else None
+            for fn in callback_fns:
+                fn(trainer, module, *args)
+            return out
+        return dispatch
 
     def call_datamodule(self, hook: str, *args: Any) -> None:
         fn = getattr(self.datamodule, hook, None) if self.datamodule is not None else None
@@ -124,9 +140,12 @@ class Run:
         self.optimizer_handles = [OptimizerHandle(o, self) for o in self.optimizers]
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        self.call("on_before_backward", loss)
+        hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
+        if hooks.on_before_backward is not None:
+            hooks.on_before_backward(loss)
         self.precision.backward(loss)
-        self.call("on_after_backward")
+        if hooks.on_after_backward is not None:
+            hooks.on_after_backward()
 
     def clip_gradients(self, optimizer, clip_val=None, algorithm=None) -> None:
         clip_val = self.cfg.gradient_clip_val if clip_val is None else clip_val
@@ -141,11 +160,14 @@ class Run:
 
     def optimizer_step(self, optimizer) -> None:
         """Unscale, hooks, clip, step, zero_grad: one automatic-optimization step."""
+        hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
         self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
-        self.call("on_before_optimizer_step", optimizer)
+        if hooks.on_before_optimizer_step is not None:
+            hooks.on_before_optimizer_step(optimizer)
         self.clip_gradients(optimizer)
         self.precision.step(optimizer)
-        self.call("on_before_zero_grad", optimizer)
+        if hooks.on_before_zero_grad is not None:
+            hooks.on_before_zero_grad(optimizer)
         optimizer.zero_grad(set_to_none=True)
 
     def manual_optimizer_step(self, optimizer, closure=None) -> None:
@@ -210,7 +232,8 @@ class Run:
         self.recent_losses = []
         # The values themselves, tested on the host: two tensor ops (one for a single loss, as
         # with log_every_n_steps=1) instead of stack, cast, isfinite and tolist on every check.
-        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).tolist()
+        # (A loss may have any shape with one element, e.g. (1,): flatten before reading.)
+        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).flatten().tolist()
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is None:
             return
@@ -291,6 +314,22 @@ class Run:
             self.resume_rng = None
         else:
             self.resume_rng = rank_state["rng"]  # restored after the epoch's iterator is rebuilt
+
+
+class _Hooks:
+    """``run.hooks.on_x`` runs hook ``on_x`` (the module's override, then the callbacks'), or is
+    None when nothing overrides it. Resolved at first use, then a plain attribute: the step loop
+    skips a hook nobody implements without even a function call."""
+
+    def __init__(self, run: Run):
+        self._run = run
+
+    def __getattr__(self, hook: str):
+        if hook.startswith("_"):
+            raise AttributeError(hook)
+        fn = self._run._dispatcher(hook)
+        setattr(self, hook, fn)
+        return fn
 
 
 def _module_base() -> type:

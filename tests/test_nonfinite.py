@@ -52,3 +52,18 @@ def test_no_host_sync_per_step_for_the_check(tmp_path, monkeypatch):
                enable_progress_bar=False, enable_checkpointing=False).fit(
         Explodes(at_step=-1), DataLoader(TensorDataset(torch.randn(160, 4)), batch_size=8))
     assert len(syncs) <= 6  # 2 logging steps (metrics + losses) and the end of fit, not 20
+
+
+def test_losses_of_shape_one_are_checked_too(tmp_path):
+    """A loss with one element but shape (1,) is a valid loss; the batched check must read it."""
+    class ShapeOne(Explodes):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx).reshape(1)
+
+    trainer = rt.Trainer(launcher="local", max_steps=12, log_every_n_steps=5, storage_path=str(tmp_path),
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(rt.NonFiniteLossError, match="at step 7"):
+        trainer.fit(ShapeOne(at_step=7), DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=8))
+    ok = rt.Trainer(launcher="local", max_steps=12, log_every_n_steps=5, storage_path=str(tmp_path),
+                    logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert ok.fit(ShapeOne(at_step=-1), DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=8)).global_step == 12
