@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from raytrainer.data import TrainData
-from raytrainer.evaluation import run_evaluation
-from raytrainer.utilities import infer_batch_size, move_to_device
+from .data import TrainData
+from .evaluation import run_evaluation
+from .utilities import infer_batch_size, move_to_device
 
 
 def fit_loop(run, train: TrainData, val_loaders: list) -> None:
