@@ -154,3 +154,33 @@ def test_ray_data_parquet_example_on_ray(ray_cluster, tmp_path, capsys):
     # The last validation ran after the last step: its loss is the returned weights' loss.
     assert out["driver_val_mse"] == pytest.approx(fit.metrics["val_loss"], rel=1e-4)
     assert len(list((tmp_path / "data" / "train").glob("*.parquet"))) == 8
+
+
+def test_s3_example_config_writes_its_run_into_the_bucket(s3_env, s3_server, monkeypatch):
+    """examples/configs/digits_s3.yaml, pointed at the loopback S3 server (AWS env vars only)."""
+    from raytrainer import cli
+    monkeypatch.chdir(REPO)
+    code = cli.main(["fit", "--config", "examples/configs/digits.yaml", "--config", "examples/configs/digits_s3.yaml",
+                     "--config", "examples/configs/digits_local.yaml", "--trainer.storage_path", s3_env,
+                     "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    bucket, prefix = s3_env[len("s3://"):].split("/", 1)
+    keys = set(s3_server.all_objects(bucket))
+    assert any(k.startswith(f"{prefix}/") and k.endswith("/COMMIT.json") for k in keys)
+    assert any(k.endswith("/config.yaml") for k in keys)  # the resolved config beside the checkpoints
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sweep_example_config_runs(ray_cluster, tmp_path, monkeypatch, capsys):
+    """examples/configs/digits_sweep.yaml, made small: an ASHA sweep that ends with a best checkpoint."""
+    from raytrainer import cli
+    monkeypatch.chdir(REPO)
+    code = cli.main(["sweep", "--config", "examples/configs/digits.yaml", "--config", "examples/configs/digits_sweep.yaml",
+                     "--trainer.max_epochs", "2", "--sweep.num_samples", "2", "--sweep.max_t", "2",
+                     "--sweep.grace_period", "1", "--trainer.storage_path", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "sweep finished: best checkpoint" in out and "/trial_" in out
+    assert list(tmp_path.glob("digits-sweep/trial_*/checkpoints/*/COMMIT.json"))
