@@ -7,7 +7,6 @@ checkpoint boundary. The event order is documented in ``raytrainer/callbacks/bas
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ def _fit_done(run) -> bool:
 
 def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
     """Run the rest of ``run.current_epoch``; True when all its batches were consumed."""
-    cfg, module, metrics = run.cfg, run.module, run.metrics
+    cfg, module, metrics, hooks = run.cfg, run.module, run.metrics, run.hooks
     start = run.batches_done
     if start == 0:
         metrics.start_epoch("train")
@@ -80,7 +79,8 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
         # self.log defaults to per-step values from on_train_batch_start to on_train_batch_end
         # (training_step and the backward/optimizer hooks), per-epoch values elsewhere.
         metrics.in_step = True
-        if run.call("on_train_batch_start", batch, batch_idx) == -1:
+        # hooks.on_x is None when nothing overrides on_x: a no-op hook costs no call per batch.
+        if hooks.on_train_batch_start is not None and hooks.on_train_batch_start(batch, batch_idx) == -1:
             metrics.in_step = False
             return True  # the module ended the epoch early (Lightning's -1): on to epoch end
         run.batches_done = batch_idx + 1
@@ -95,12 +95,14 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                         run.optimizer_step(opt)
                     run.precision.update()
                     run.global_step += 1
-                    run.step_schedulers("step")
+                    if run.scheduler_configs:
+                        run.step_schedulers("step")
                 window_has_grad = False
         else:
             outputs = _manual_step(run, batch, batch_idx)
             window_done = True
-        run.call("on_train_batch_end", outputs, batch, batch_idx)
+        if hooks.on_train_batch_end is not None:
+            hooks.on_train_batch_end(outputs, batch, batch_idx)
         metrics.in_step = False
 
         if run.global_step != steps_before and run.global_step % cfg.log_every_n_steps == 0:
@@ -159,20 +161,25 @@ def _checkpoint_boundary(run, kind: str) -> None:
 
 
 def _automatic_forward_backward(run, batch: Any, batch_idx: int, window_done: bool):
-    # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers the
-    # communication to the window's last backward.
-    sync = _NO_CONTEXT if window_done else run.no_sync()
-    with sync:
-        with run.precision.autocast():
-            outputs = run.training_forward(batch, batch_idx)
-        loss = extract_loss(outputs)
-        if loss is None:
-            return outputs, False
-        run.recent_losses.append((run.global_step, loss.detach()))  # checked on logging steps
-        # Backward runs outside autocast (as torch recommends); the loss is averaged over the
-        # window so k accumulated micro-batches equal one batch k times larger.
-        k = run.cfg.accumulate_grad_batches
-        run.backward(loss / k if k > 1 else loss)
+    if not window_done:
+        # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers the
+        # communication to the window's last backward.
+        with run.no_sync():
+            return _forward_backward(run, batch, batch_idx)
+    return _forward_backward(run, batch, batch_idx)
+
+
+def _forward_backward(run, batch: Any, batch_idx: int):
+    with run.precision.autocast():
+        outputs = run.training_forward(batch, batch_idx)
+    loss = extract_loss(outputs)
+    if loss is None:
+        return outputs, False
+    run.recent_losses.append((run.global_step, loss.detach()))  # checked on logging steps
+    # Backward runs outside autocast (as torch recommends); the loss is averaged over the
+    # window so k accumulated micro-batches equal one batch k times larger.
+    k = run.cfg.accumulate_grad_batches
+    run.backward(loss / k if k > 1 else loss)
     return outputs, True
 
 
@@ -230,5 +237,4 @@ def _num_batches(train: TrainData, limit) -> float:
 
 
 _END = object()
-_NO_CONTEXT = nullcontext()  # reusable: one object for every step, not one per step
 

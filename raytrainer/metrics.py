@@ -94,7 +94,9 @@ class MetricCollector:
         resolved = self._resolved.get((self.stage, name))
         if resolved is not None and resolved[0] == args:
             spec = resolved[1]
-            tensor = _as_scalar_tensor(name, value)
+            # A 0-d tensor (the usual loss) needs no check; anything else goes through them.
+            tensor = value.detach() if type(value) is torch.Tensor and value.ndim == 0 \
+                else _as_scalar_tensor(name, value)
         else:
             if reduce_fx not in REDUCE_FX:
                 raise ValueError(f"self.log({name!r}): reduce_fx must be one of 'mean', 'sum', 'max', "

@@ -164,7 +164,8 @@ class Run:
         self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
         if hooks.on_before_optimizer_step is not None:
             hooks.on_before_optimizer_step(optimizer)
-        self.clip_gradients(optimizer)
+        if self.cfg.gradient_clip_val:
+            self.clip_gradients(optimizer)
         self.precision.step(optimizer)
         if hooks.on_before_zero_grad is not None:
             hooks.on_before_zero_grad(optimizer)

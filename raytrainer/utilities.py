@@ -30,9 +30,12 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     or a loader that yields device tensors) is returned as it is: the step loop calls this for
     every batch, and copying the containers would be per-step work a hand-written loop never does.
     """
-    if _on_device(batch, device):
+    if type(batch) is list or type(batch) is tuple:  # the usual (x, y): no call per element
+        for v in batch:
+            if not (v.device == device if isinstance(v, torch.Tensor) else _on_device(v, device)):
+                return _move(batch, device)
         return batch
-    return _move(batch, device)
+    return batch if _on_device(batch, device) else _move(batch, device)
 
 
 _LEAVES = (str, bytes, int, float, bool, type(None))
