@@ -222,7 +222,11 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
     fit_token = uuid.uuid4().hex
     job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
            "ckpt_path": ckpt_path, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token}
-    mailbox = _Mailbox.remote()
+    # On the driver's own node: it lives exactly as long as the driver. Anywhere else (a 0-CPU
+    # actor can land on any node) the loss of a worker node would take the results with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    mailbox = _Mailbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
     ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
     # On a local cluster, workers import the driver's modules (scripts, tests, notebooks) from
     # the driver's path; under `ray job submit` the job's working_dir provides them instead.
