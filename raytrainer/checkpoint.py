@@ -66,7 +66,7 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     writing the marker last and then running ``after_commit``. A failure anywhere raises before
     the marker: nothing half-written is ever committed.
     """
-    from raytrainer.checkpoint_writer import CheckpointWriter, RetryPolicy, with_retries
+    from raytrainer.checkpoint_writer import CheckpointWriter, with_retries
     writer = writer or CheckpointWriter(asynchronous=False)
     state = dict(state)
     rank_state = state.pop("rank_state")

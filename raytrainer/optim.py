@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
 try:  # torch >= 2.0 names it LRScheduler; ReduceLROnPlateau subclasses it from 2.2 on

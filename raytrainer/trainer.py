@@ -7,7 +7,7 @@ from typing import Any
 from raytrainer import storage
 from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from raytrainer.config import ConfigError, build_config
-from raytrainer.data import DataModule, RayDataLoader
+from raytrainer.data import DataModule
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
 from raytrainer.module import Module
 from raytrainer.result import FitResult

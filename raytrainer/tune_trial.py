@@ -116,11 +116,10 @@ def run_trial(config: dict, job: dict) -> None:
               "logger": copy.deepcopy(job["trainer_kwargs"].get("logger", True))}
     trainer = Trainer(**kwargs)
     previous = read_trial_summary(trainer.cfg.run_dir, trainer.cfg.storage_options) or {}
-    done = previous
-    if done and done.get("completed"):
+    if previous.get("completed"):
         # Finished before an interrupted sweep's driver died, but not yet recorded by Tune:
         # report the final result again instead of training again.
-        tune.report(done["metrics"])
+        tune.report(previous["metrics"])
         return
     # A restarted trial continues from its own newest committed checkpoint, unless Tune hands
     # it one (a PBT exploit: the donor's state; a resumed sweep: its last reported one).
