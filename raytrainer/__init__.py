@@ -12,6 +12,7 @@ from raytrainer.config import ConfigError
 from raytrainer.data import DataModule, RayDataLoader
 from raytrainer.module import Module
 from raytrainer.result import FitResult
+from raytrainer.preemption import Preempted
 from raytrainer.run import NonFiniteLossError
 from raytrainer.trainer import Trainer
 from raytrainer.utilities import seed_everything
@@ -21,7 +22,8 @@ LightningDataModule = DataModule
 
 __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
            "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
-           "load_checkpoint", "CheckpointError", "CheckpointUploadError", "NonFiniteLossError", "sweep", "tune"]
+           "load_checkpoint", "CheckpointError", "CheckpointUploadError", "NonFiniteLossError", "Preempted",
+           "sweep", "tune"]
 __version__ = "0.1.0"
 
 

@@ -68,6 +68,10 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     """
     from raytrainer.checkpoint_writer import CheckpointWriter, with_retries
     writer = writer or CheckpointWriter(asynchronous=False)
+    # The commit in flight finishes first, and one that failed is raised here, before this
+    # checkpoint touches storage: the error names the checkpoint that was lost (during an outage,
+    # preparing this one would fail too and hide it).
+    writer.wait()
     state = dict(state)
     rank_state = state.pop("rank_state")
     rank = ctx.global_rank if ctx is not None else 0
@@ -142,25 +146,32 @@ def _valid_file_table(files) -> bool:
             and all(n in (MODEL_FILE, STATE_FILE) or re.fullmatch(r"rank-\d{5}\.pt", n) for n in files))
 
 
-def load(uri: str, storage_options: Mapping | None = None) -> dict:
-    """Read and verify a committed checkpoint; returns the state with ``state_dict`` included."""
+def require_committed(uri: str, storage_options: Mapping | None = None) -> dict:
+    """The commit marker of checkpoint ``uri``; CheckpointError if it is missing or uncommitted."""
     marker = read_marker(uri, storage_options)
     if marker is None:
         fs, path = storage.filesystem(uri, storage_options)
         if not fs.exists(path):
-            raise CheckpointError(f"checkpoint {uri} does not exist")
+            raise CheckpointError(f"checkpoint {uri} does not exist: pass a checkpoint folder "
+                                  f"(.../checkpoints/step=...), 'last' or 'best'")
         raise CheckpointError(f"checkpoint {uri} is not committed (no valid {COMMIT_FILE}): the save "
                               "that wrote it did not finish; use an earlier checkpoint")
+    return marker
+
+
+def load(uri: str, storage_options: Mapping | None = None) -> dict:
+    """Read and verify a committed checkpoint; returns the state with ``state_dict`` included."""
+    marker = require_committed(uri, storage_options)
     fs, path = storage.filesystem(uri, storage_options)
     blobs = {}
     for name, info in marker["files"].items():
         try:
             data = fs.cat_file(f"{path}/{name}")
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {uri} is missing {name}") from None
+            raise CheckpointError(f"checkpoint {uri} is missing {name}; load an earlier checkpoint") from None
         if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CheckpointError(f"checkpoint file {uri}/{name} is corrupted: its content does not "
-                                  f"match the hash recorded in {COMMIT_FILE}")
+                                  f"match the hash recorded in {COMMIT_FILE}; load an earlier checkpoint")
         blobs[name] = data
     state = _torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
     state["state_dict"] = _torch_load(blobs[MODEL_FILE], f"{uri}/{MODEL_FILE}")
@@ -237,7 +248,9 @@ def check_module_state(module: torch.nn.Module, state_dict: dict) -> None:
         if shapes:
             parts.append("shape mismatch " + ", ".join(
                 f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:10]))
-        raise CheckpointError(f"the checkpoint does not fit {type(module).__name__}: " + "; ".join(parts))
+        raise CheckpointError(f"the checkpoint does not fit {type(module).__name__}: " + "; ".join(parts)
+                              + ". Was it saved from another model (or before the model changed)? Load it "
+                              "into the model that saved it")
 
 
 def plain_hparams(hparams: Mapping) -> dict:

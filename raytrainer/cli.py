@@ -163,10 +163,21 @@ def _read_yaml(path: str) -> dict:
     except OSError as e:
         raise CLIError(f"--config {path}: cannot read it ({e})") from None
     except yaml.YAMLError as e:
-        raise CLIError(f"{path}: not valid YAML: {e}") from None
+        raise CLIError(f"{path}: {_yaml_problem(e)}") from None
     if data is not None and not isinstance(data, dict):
         raise CLIError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL)}, got {type(data).__name__}")
     return data or {}
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    tag = getattr(e, "problem", None) or ""
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in tag:
+        # e.g. !!python/object/apply:os.system -- yaml.safe_load never runs or builds objects.
+        where = f" ({str(e.problem_mark).strip()})" if e.problem_mark else ""
+        return (f"{tag}{where}: tags that build Python objects are refused "
+                "(configs are read with yaml.safe_load); write the value in plain YAML, and a class "
+                "as {class_path: pkg.module.Class, init_args: {...}}")
+    return f"not valid YAML: {e}"
 
 
 def _merge(base: dict, new: dict, origins: Origins, src: str, path: tuple = ()) -> None:
@@ -208,7 +219,7 @@ def load_config(files: list[str], overrides: list[tuple[str, str]] = ()) -> tupl
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise CLIError(f"{src}: value {raw!r} is not valid YAML: {e}") from None
+            raise CLIError(f"{src}: value {raw!r}: {_yaml_problem(e)}") from None
         path = tuple(key.split("."))
         if path[0] in ("model", "data") and len(path) > 1 and path[1] not in CLASS_KEYS:
             path = (path[0], "init_args") + path[1:]  # --model.lr 0.1 means --model.init_args.lr 0.1

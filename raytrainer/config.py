@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from raytrainer.checkpoint_writer import RetryPolicy
 from raytrainer.precision import normalize_precision
 
 ACCELERATORS = ("cpu", "gpu", "auto")
@@ -47,6 +48,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
     async_checkpoint: bool = True
+    checkpoint_retry: RetryPolicy = RetryPolicy()
     seed: int | None = None
     deterministic: bool = False
     storage_path: str = DEFAULT_STORAGE_PATH
@@ -55,6 +57,7 @@ class TrainerConfig:
     launcher: str = "ray"
     max_failures: int = 0
     resources_per_worker: Mapping[str, float] | None = None
+    profiler: Any = None  # None | "simple" | "pytorch" | a raytrainer.profiler.SimpleProfiler
 
     @property
     def run_dir(self) -> str:
@@ -97,6 +100,35 @@ def _limit(arg: str, value: Any) -> int | float | None:
     if isinstance(value, float) and 0.0 <= value <= 1.0:
         return 1.0 if value == 1.0 else value
     raise _fail(arg, value, "expected None, an int number of batches >= 0, or a float in [0.0, 1.0]")
+
+
+def _retry_policy(value: Any) -> RetryPolicy:
+    """How often a checkpoint write is retried: None (the default RetryPolicy), a RetryPolicy, or
+    a dict of its fields (what a YAML config gives), e.g. {'attempts': 3, 'base_delay_s': 0.1}."""
+    if value is None:
+        return RetryPolicy()
+    allowed = ("expected None, a raytrainer.checkpoint_writer.RetryPolicy or a dict with keys attempts "
+               "(int >= 1), base_delay_s and max_delay_s (numbers >= 0)")
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"attempts", "base_delay_s", "max_delay_s"})
+        if unknown:
+            raise _fail("checkpoint_retry", value, f"unknown keys {unknown}; " + allowed)
+        value = RetryPolicy(**value)
+    if not isinstance(value, RetryPolicy):
+        raise _fail("checkpoint_retry", value, allowed)
+    delays = (value.base_delay_s, value.max_delay_s)
+    if isinstance(value.attempts, bool) or not isinstance(value.attempts, numbers.Integral) or value.attempts < 1 \
+            or any(isinstance(d, bool) or not isinstance(d, numbers.Real) or d < 0 for d in delays):
+        raise _fail("checkpoint_retry", value, allowed)
+    return value
+
+
+def _profiler(value: Any) -> Any:
+    from raytrainer.profiler import PROFILERS, SimpleProfiler
+    if value is None or isinstance(value, SimpleProfiler) or (isinstance(value, str) and value in PROFILERS):
+        return value
+    raise _fail("profiler", value, f"expected None, one of {list(PROFILERS)}, or a "
+                                   "raytrainer.profiler.SimpleProfiler / PyTorchProfiler instance")
 
 
 def build_config(**kw: Any) -> TrainerConfig:
@@ -154,6 +186,7 @@ def build_config(**kw: Any) -> TrainerConfig:
     for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic"):
         if not isinstance(kw.get(arg, True), bool):
             raise _fail(arg, kw[arg], "expected True or False")
+    checkpoint_retry = _retry_policy(kw.get("checkpoint_retry"))
     seed = kw.get("seed")
     if seed is not None:
         seed = _int("seed", seed, 0, "expected None or an int >= 0")
@@ -203,8 +236,8 @@ def build_config(**kw: Any) -> TrainerConfig:
         limit_predict_batches=_limit("limit_predict_batches", kw.get("limit_predict_batches")),
         fast_dev_run=fdr, enable_progress_bar=kw.get("enable_progress_bar", True),
         enable_checkpointing=kw.get("enable_checkpointing", True),
-        async_checkpoint=kw.get("async_checkpoint", True), seed=seed,
+        async_checkpoint=kw.get("async_checkpoint", True), checkpoint_retry=checkpoint_retry, seed=seed,
         deterministic=kw.get("deterministic", False), storage_path=storage_path,
         storage_options=dict(storage_options), name=name, launcher=launcher,
-        max_failures=max_failures, resources_per_worker=rpw,
+        max_failures=max_failures, resources_per_worker=rpw, profiler=_profiler(kw.get("profiler")),
     )

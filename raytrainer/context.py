@@ -33,6 +33,10 @@ class RunContext(Protocol):
     def latest_checkpoint(self) -> str | None:
         """A checkpoint to resume from regardless of ``ckpt_path`` (after a restart), or None."""
 
+    def poll_stop(self, global_step: int, epoch_end: bool) -> tuple[str, str] | None:
+        """At every checkpoint boundary: ``(action, reason)`` when the run must stop or
+        checkpoint now (raytrainer/preemption.py), the same on every rank; else None."""
+
 
 class LocalContext:
     """One process, one device: collectives are identities."""
@@ -42,8 +46,9 @@ class LocalContext:
     local_rank = 0
     node_rank = 0
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stop_flag=None):
         self.device = device
+        self.stop_flag = stop_flag  # set by a SIGTERM/SIGINT handler (preemption.stop_on_signals)
 
     def barrier(self) -> None:
         pass
@@ -62,6 +67,11 @@ class LocalContext:
 
     def latest_checkpoint(self) -> str | None:
         return None
+
+    def poll_stop(self, global_step: int, epoch_end: bool) -> tuple[str, str] | None:
+        if self.stop_flag is None or self.stop_flag.reason is None:
+            return None
+        return "stop", self.stop_flag.reason
 
 
 def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:

@@ -14,6 +14,8 @@ from raytrainer.data import TrainData, resolve_loaders, shard_eval_loader
 from raytrainer.evaluation import run_evaluation
 from raytrainer.loop import fit_loop
 from raytrainer.module import is_overridden
+from raytrainer.preemption import commit_preemption_checkpoint
+from raytrainer.profiler import profiling
 from raytrainer.run import Run
 from raytrainer.strategy import apply_determinism, setup_strategy
 from raytrainer.utilities import seed_everything
@@ -96,9 +98,15 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
         for lg in run.loggers:
             lg.log_hyperparams(dict(module.hparams))
         train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0)
-        fit_loop(run, train, val_loaders)
-        run.writer.wait()  # every checkpoint committed (or its failure raised) before fit returns
-        out = {"stage": stage, "metrics": _floats(run.metrics.callback_metrics())}
+        with profiling(run, train) as profile:  # Trainer(profiler=...); with None nothing is wrapped
+            fit_loop(run, train, val_loaders)
+            if run.preempted:
+                preempted = {"reason": run.preempted, "global_step": run.global_step,
+                             "checkpoint": commit_preemption_checkpoint(run)}
+            run.writer.wait()  # every checkpoint committed (or its failure raised) before fit returns
+        out = {"stage": stage, "metrics": _floats(run.metrics.callback_metrics()), **profile}
+        if run.preempted:
+            out["preempted"] = preempted  # the launcher raises Preempted once the fit is wound up
     else:
         eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank) for dl in main]
         values = run_evaluation(run, eval_loaders, stage)
@@ -110,7 +118,7 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
     for cb in run.callbacks:
         cb.teardown(trainer, module, stage)
     for lg in run.loggers:
-        lg.finalize("success")
+        lg.finalize("preempted" if run.preempted else "success")
     out.update(global_step=run.global_step, current_epoch=run.current_epoch)
     return out
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 from raytrainer.context import LocalContext, resolve_device
 from raytrainer.execute import execute
 from raytrainer.precision import check_precision_supported
+from raytrainer.preemption import StopFlag, stop_on_signals
 
 
 def launch(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) -> dict:
     cfg = trainer.cfg
+    if ckpt_path not in (None, "last", "best"):
+        # A mistyped or half-written checkpoint fails here, before any data, worker or Ray starts.
+        from raytrainer import checkpoint, storage
+        checkpoint.require_committed(storage.normalize(str(ckpt_path)), cfg.storage_options)
     if stage == "fit" and (cfg.enable_checkpointing or trainer._loggers):
         probe_storage(cfg)
     if cfg.launcher == "local":
         device = resolve_device(cfg.accelerator)
         check_precision_supported(cfg.precision, device.type)
         print_resolved(trainer, stage, f"launcher=local device={device} workers=1")
-        return execute(trainer, stage, module, datamodule, loaders, ckpt_path, LocalContext(device))
+        if stage != "fit":
+            return execute(trainer, stage, module, datamodule, loaders, ckpt_path, LocalContext(device))
+        flag = StopFlag()  # SIGTERM / Ctrl-C: stop at the next step with a committed checkpoint
+        with stop_on_signals(flag):
+            return execute(trainer, stage, module, datamodule, loaders, ckpt_path, LocalContext(device, flag))
     from raytrainer.ray_launcher import launch_ray
     return launch_ray(trainer, stage, module, datamodule, loaders, ckpt_path)
 

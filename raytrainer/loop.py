@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .data import TrainData
-from .evaluation import run_evaluation
+from .preemption import handle_stop_request
 from .utilities import infer_batch_size, move_to_device
 
 
@@ -114,7 +114,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
             run.log_to_loggers(step_metrics, run.global_step)
 
         if val_loaders and _validation_due(run, batch_idx, is_last):
-            run_evaluation(run, val_loaders, "validate")
+            run.evaluate(val_loaders, "validate")
             run.validated_this_boundary = True
         if window_done:
             _checkpoint_boundary(run, "step")
@@ -151,6 +151,10 @@ def _checkpoint_boundary(run, kind: str) -> None:
     """A point from which a resumed run continues exactly like this one: checkpoints go here."""
     run.boundary = kind
     run.call_callbacks("on_checkpoint_boundary")
+    # A SIGTERM, Ctrl-C or Ray's drain notice, agreed on by every rank (preemption.py).
+    request = run.ctx.poll_stop(run.global_step, kind == "epoch")
+    if request is not None:
+        handle_stop_request(run, request)
     run.boundary = None
     if run.validated_this_boundary or run.boundary_checkpoint:
         # One report per validation or checkpoint, never per step: Ray drains reports on a poll
@@ -203,7 +207,8 @@ def extract_loss(outputs: Any) -> torch.Tensor | None:
                          "(reduce it with .mean() or .sum())")
     if not loss.requires_grad:
         raise ValueError("training_step's loss does not require grad (was it detached, computed "
-                         "under torch.no_grad(), or from a module without trainable parameters?)")
+                         "under torch.no_grad(), or from a module without trainable parameters?); "
+                         "return the loss tensor itself, computed from the module's parameters")
     return loss
 
 

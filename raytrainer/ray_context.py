@@ -6,16 +6,22 @@ checkpoints and validations only, since Ray drains reports on a poll).
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from raytrainer.preemption import CHECKPOINT, STOP, StopFlag
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 class RayTrainContext:
-    def __init__(self, use_gpu: bool, fit_token: str, run_cfg, report_to_ray: bool = True):
+    def __init__(self, use_gpu: bool, fit_token: str, run_cfg, report_to_ray: bool = True,
+                 stop_source=None, report_queue=None):
         import ray.train
         tc = ray.train.get_context()
         self.world_size = tc.get_world_size()
@@ -31,7 +37,19 @@ class RayTrainContext:
         self.fit_token = fit_token
         self._cfg = run_cfg
         self._report_to_ray = report_to_ray
+        self._report_queue = report_queue if self.global_rank == 0 else None
         self._distributed = dist.is_available() and dist.is_initialized()
+        # Stop requests: the driver's SIGTERM/Ctrl-C arrives through `stop_source` (polled by
+        # rank 0 in a thread); Ray's drain notice through ray.train.get_preemption_info.
+        self.stop_flag = StopFlag()
+        self._stop_every = max(1, run_cfg.log_every_n_steps)
+        self._drain_watch = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
+        self._drain_poll_s = float(os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "5"))
+        self._last_drain_check = time.monotonic()
+        self._drain_checkpointed = False
+        if stop_source is not None and self.global_rank == 0:
+            threading.Thread(target=_poll_driver, args=(stop_source, self.stop_flag), daemon=True,
+                             name="raytrainer-stop-poll").start()
 
     def barrier(self) -> None:
         if self._distributed:
@@ -67,9 +85,47 @@ class RayTrainContext:
             if checkpoint_dir is not None:
                 payload["checkpoint_path"] = checkpoint_dir
             ray.train.report(payload)
+        if self._report_queue is not None:  # a multi-worker sweep trial (tune_trial.fit_on_workers)
+            self._report_queue.put((dict(metrics), checkpoint_dir))
+
+    def poll_stop(self, global_step: int, epoch_end: bool) -> tuple[str, str] | None:
+        """Ranks agree every log_every_n_steps steps and at epoch ends (one 2-element all-reduce);
+        rank 0 also decides, by the clock, when everyone asks Ray about node drains (that call is
+        a barrier through Ray's controller, too costly for every agreement point)."""
+        if not (epoch_end or global_step % self._stop_every == 0):
+            return None
+        now = time.monotonic()
+        ask_ray = (self._drain_watch and not self._drain_checkpointed and self.global_rank == 0
+                   and now - self._last_drain_check >= self._drain_poll_s)
+        flags = torch.tensor([float(self.stop_flag.reason is not None), float(ask_ray)])
+        stop, ask_ray = (self.all_reduce(flags, "max") > 0).tolist()
+        if stop:
+            return STOP, self.broadcast_object(self.stop_flag.reason)
+        if ask_ray:
+            self._last_drain_check = now
+            import ray.train
+            info = ray.train.get_preemption_info()
+            if info is not None:
+                self._drain_checkpointed = True  # one just-in-time checkpoint per drain notice
+                return CHECKPOINT, f"Ray drain notice for node(s) {', '.join(info.preempted_node_ids)}"
+        return None
 
     def latest_checkpoint(self) -> str | None:
         """After a worker-group restart: the newest checkpoint this fit committed (on the first
         attempt there is none, and the user's ckpt_path applies)."""
         from raytrainer import checkpoint as ckpt_io
         return ckpt_io.latest_committed(self._cfg, self._cfg.storage_options, fit_token=self.fit_token)
+
+
+def _poll_driver(stop_source, flag: StopFlag, interval_s: float = 0.5) -> None:
+    """Rank 0: ask the driver's mailbox for a stop request until one comes (or the process ends)."""
+    import ray
+    while flag.reason is None:
+        try:
+            reason = ray.get(stop_source.get.remote("stop"), timeout=10)
+        except Exception:  # the driver is gone or slow: the worker group is torn down anyway
+            reason = None
+        if reason:
+            flag.request(reason)
+            return
+        time.sleep(interval_s)

@@ -10,22 +10,34 @@ exception there before it dies, so the driver re-raises the user's own exception
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 import uuid
+import warnings
+from contextlib import nullcontext
 from typing import Any
-
-import ray
 
 from raytrainer import storage
 from raytrainer.config import ConfigError
 from raytrainer.data import RayDataLoader, RayDatasetIterable, resolve_loaders
 from raytrainer.execute import execute
 from raytrainer.launch import print_resolved
+from raytrainer.preemption import StopFlag, stop_on_signals
+
+# Imported in a Jupyter kernel without ipywidgets, Ray warns (tqdm.auto, through Ray's tqdm_ray)
+# and logs three times (ray.widgets.util, at INFO) that ipywidgets is missing: it wants it for
+# rich reprs of its own objects, which raytrainer never displays. Our own bar needs no widget
+# (raytrainer/callbacks/progress.py).
+logging.getLogger("ray.widgets.util").setLevel(logging.WARNING)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import ray
 
 FAST_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
@@ -62,6 +74,9 @@ class _Mailbox:
 
     def put(self, key: str, value: Any) -> None:
         self.items.setdefault(key, value)
+
+    def get(self, key: str) -> Any:
+        return self.items.get(key)
 
     def get_all(self) -> dict[str, Any]:
         return self.items
@@ -138,7 +153,9 @@ def _train_fn(config: dict) -> None:
     job = ray.get(config["job"])
     mailbox = config["mailbox"]
     trainer, module = job["trainer"], job["module"]
-    ctx = RayTrainContext(job["use_gpu"], job["fit_token"], trainer.cfg)
+    ctx = RayTrainContext(job["use_gpu"], job["fit_token"], trainer.cfg,
+                          stop_source=mailbox if job["stage"] == "fit" else None,
+                          report_queue=job.get("report_queue"))
     try:
         out = execute(trainer, job["stage"], module, job["datamodule"], _materialize(job["loaders"]),
                       job["ckpt_path"], ctx)
@@ -199,7 +216,9 @@ def _resources(cfg, use_gpu: bool, num_workers: int, has_datasets: bool) -> dict
     return res
 
 
-def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) -> dict:
+def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path, report_queue=None) -> dict:
+    """``report_queue``: a ray.util.queue.Queue that rank 0 also puts every report in, as
+    ``(metrics, checkpoint_uri)`` (a multi-worker sweep trial forwards them to Tune)."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
@@ -221,7 +240,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
                                    f"{os.environ['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
     fit_token = uuid.uuid4().hex
     job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
-           "ckpt_path": ckpt_path, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token}
+           "ckpt_path": ckpt_path, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token,
+           "report_queue": report_queue}
     # On the driver's own node: it lives exactly as long as the driver. Anywhere else (a 0-CPU
     # actor can land on any node) the loss of a worker node would take the results with it.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -231,7 +251,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
     # On a local cluster, workers import the driver's modules (scripts, tests, notebooks) from
     # the driver's path; under `ray job submit` the job's working_dir provides them instead.
     worker_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
-    torch_trainer = TorchTrainer(
+    own_signals = stage == "fit" and report_queue is None
+    torch_trainer = (_fit_trainer_class() if own_signals else TorchTrainer)(
         _train_fn,
         train_loop_config={"job": ray.put(job), "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
@@ -243,8 +264,14 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
         datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n.startswith("train")]) if datasets else None,
     )
+    def tell_workers(reason: str) -> None:  # from a signal handler: no Ray call in the handler
+        threading.Thread(target=lambda: mailbox.put.remote("stop", reason), daemon=True).start()
+
     try:
-        torch_trainer.fit()
+        # SIGTERM / Ctrl-C here: the workers stop at an agreed step with a committed checkpoint
+        # and return normally (an error would make Ray restart them); Trainer raises Preempted.
+        with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else nullcontext():
+            torch_trainer.fit()
     except Exception:
         errors = ray.get(mailbox.get_all.remote())
         worker_errors = sorted((v for k, v in errors.items() if k.startswith("error/")), key=lambda e: e["time"])
@@ -263,6 +290,20 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
             cb.load_state_dict(out["callbacks"][cb.state_key])
     trainer._last_out = out
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class FitTrainer(TorchTrainer):
+        """Ray Train's fit() replaces the SIGINT handler with its own (abort the run, no
+        checkpoint); ours stops every worker at an agreed step with a committed checkpoint."""
+
+        def _register_sigint_handler(self, controller) -> None:
+            pass
+
+    return FitTrainer
 
 
 def _driver_pythonpath() -> str:

@@ -13,3 +13,4 @@ class FitResult:
     global_step: int = 0
     current_epoch: int = 0
     checkpoints: list[str] = field(default_factory=list)  # committed checkpoints of the run
+    profile: dict | None = None  # Trainer(profiler=...): rank 0's stage table (raytrainer/profiler.py)

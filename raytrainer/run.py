@@ -14,6 +14,7 @@ import torch
 from raytrainer import checkpoint as ckpt_io
 from raytrainer.callbacks.base import Callback
 from raytrainer.checkpoint_writer import CheckpointWriter
+from raytrainer.evaluation import run_evaluation
 from raytrainer.metrics import MetricCollector
 from raytrainer.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
 from raytrainer.precision import build_precision
@@ -38,7 +39,7 @@ class Run:
             self.callbacks = [cb for cb in self.callbacks if not getattr(cb, "rank_zero_only", False)]
         self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
         self.precision = build_precision(self.cfg.precision, self.device)
-        self.writer = CheckpointWriter(asynchronous=self.cfg.async_checkpoint)
+        self.writer = CheckpointWriter(asynchronous=self.cfg.async_checkpoint, policy=self.cfg.checkpoint_retry)
         self.model: torch.nn.Module = module  # what forward passes go through (DDP wrapper or module)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scheduler_configs: list[SchedulerConfig] = []
@@ -50,6 +51,7 @@ class Run:
         self.epoch_finished = False    # True at an epoch-end boundary
         self.epoch_data_state: dict | None = None  # RNG at the epoch's start (mid-epoch resume)
         self.should_stop = False
+        self.preempted: str | None = None  # the signal that stopped the fit (preemption.py)
         self.num_training_batches: float = math.inf
         self.validated_this_boundary = False
         self.boundary = None           # "step" | "epoch" while on_checkpoint_boundary runs
@@ -115,6 +117,10 @@ class Run:
         fn = getattr(self.datamodule, hook, None) if self.datamodule is not None else None
         if fn is not None:
             fn(*args)
+
+    def evaluate(self, loaders: list, stage: str) -> dict[str, float]:
+        """One evaluation pass (evaluation.py), called through the run so a profiler can time it."""
+        return run_evaluation(self, loaders, stage)
 
     def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
         if metrics:
@@ -193,7 +199,8 @@ class Run:
                     if not cfg.strict:
                         continue
                     raise KeyError(f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged; "
-                                   f"logged metrics: {sorted(metrics)}")
+                                   f"logged metrics: {sorted(metrics)}. Log it with self.log({cfg.monitor!r}, "
+                                   "...), fix the 'monitor' name, or set 'strict': False in the scheduler config")
                 cfg.scheduler.step(float(metrics[cfg.monitor]))
             else:
                 cfg.scheduler.step()

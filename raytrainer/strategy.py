@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from raytrainer import checkpoint as ckpt_io
+from raytrainer.utilities import describe_batch
 
 
 class _StepShim(nn.Module):
@@ -130,8 +131,26 @@ def setup_strategy(run) -> None:
         cls = DDPStrategy if run.cfg.strategy == "ddp" else FSDPStrategy
     run.strategy = cls(run)
     run.strategy.setup()
-    run.training_forward = run.strategy.step_fn("training_step")
+    run.training_forward = _noting_the_batch(run.strategy.step_fn("training_step"), "training_step")
     run.no_sync = run.strategy.no_sync
+
+
+def _noting_the_batch(step, name: str):
+    """``step`` whose exceptions carry a note saying what the batch was: ``x, y = batch`` on a
+    batch of another structure fails inside user code with "not enough values to unpack" or
+    "KeyError: 0", which names neither the batch nor the loader. The exception is the user's own,
+    re-raised. Per step this costs one function call (the try itself is free unless it raises)."""
+    def noted(batch, batch_idx, *args):
+        try:
+            return step(batch, batch_idx, *args)
+        except Exception as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"raytrainer: {name}(batch, batch_idx={batch_idx}) raised this; the batch was "
+                           f"{describe_batch(batch)}. If {name} expected another structure, make the "
+                           "loader yield it (a DataLoader over TensorDataset(x, y) yields [x, y]; a "
+                           "dataset of dicts yields a dict of batched values)")
+            raise
+    return noted
 
 
 def apply_determinism(deterministic: bool):

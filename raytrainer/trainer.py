@@ -10,6 +10,7 @@ from raytrainer.config import ConfigError, build_config
 from raytrainer.data import DataModule
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
 from raytrainer.module import Module
+from raytrainer.preemption import Preempted
 from raytrainer.result import FitResult
 
 
@@ -23,10 +24,10 @@ class Trainer:
                  limit_test_batches=None, limit_predict_batches=None, fast_dev_run: bool | int = False,
                  callbacks: list[Callback] | Callback | None = None, logger: Any = True,
                  enable_progress_bar: bool = True, enable_checkpointing: bool = True,
-                 async_checkpoint: bool = True,
+                 async_checkpoint: bool = True, checkpoint_retry: Any = None,
                  seed: int | None = None, deterministic: bool = False, storage_path: str | None = None,
                  storage_options: dict | None = None, name: str | None = None, launcher: str = "ray",
-                 max_failures: int = 0, resources_per_worker: dict | None = None):
+                 max_failures: int = 0, resources_per_worker: dict | None = None, profiler: Any = None):
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
         self._init_kwargs = {k: v for k, v in locals().items() if k != "self"}
         cfg = build_config(**{k: v for k, v in self._init_kwargs.items() if k not in ("callbacks", "logger")})
@@ -73,6 +74,11 @@ class Trainer:
         if isinstance(train_dataloaders, DataModule):  # fit(model, dm) as Lightning allows
             datamodule, train_dataloaders = train_dataloaders, None
         _check_module(model, "fit")
+        if train_dataloaders is None and not any(callable(getattr(o, "train_dataloader", None))
+                                                 for o in (datamodule, model)):
+            # Known before anything starts (the same check in execute.py would come after Ray).
+            raise ValueError("fit needs data: pass train_dataloaders=, a datamodule with "
+                             "train_dataloader(), or define train_dataloader() on the module")
         out = self._launch("fit", model, datamodule,
                            {"train": train_dataloaders, "val": val_dataloaders}, ckpt_path)
         ckpt = self.checkpoint_callback
@@ -83,7 +89,7 @@ class Trainer:
             best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
             last_checkpoint=((ckpt.last_model_path or None) if ckpt and ckpt.save_last else None)
             or (checkpoints[-1] if checkpoints else None),
-            log_dir=out.get("log_dir") or self.log_dir, checkpoints=checkpoints)
+            log_dir=out.get("log_dir") or self.log_dir, checkpoints=checkpoints, profile=out.get("profile"))
 
     def validate(self, model: Module | None = None, dataloaders=None, ckpt_path: str | None = None,
                  datamodule: DataModule | None = None, verbose: bool = True) -> list[dict[str, float]]:
@@ -122,7 +128,14 @@ class Trainer:
             raise TypeError(f"datamodule must be an rt.DataModule, got {type(datamodule).__name__}")
         from raytrainer.launch import launch
         self._should_stop = False
-        return launch(self, stage, model, datamodule, loaders, ckpt_path)
+        out = launch(self, stage, model, datamodule, loaders, ckpt_path)
+        if out.get("preempted"):
+            # Raised once the fit is wound up (checkpoint committed, loggers closed, weights in
+            # `model`); a SystemExit, so an unhandled one ends the process as the signal would.
+            error = Preempted(**out["preempted"])
+            print(f"[raytrainer] {error}", flush=True)
+            raise error
+        return out
 
     @staticmethod
     def _check_inputs(model, datamodule, loaders, arg) -> None:

@@ -2,9 +2,10 @@
 
 Also re-exports Tune's search-space helpers: ``rt.tune.loguniform(1e-4, 1e-1)``, ``choice``, ...
 
-Resources are decided up front, so no trial ever waits for workers that cannot be scheduled: each
-trial is one Tune trial actor holding its worker's resources, and at most as many trials run at
-once as the cluster fits. A trial too big for the cluster is an error before Tune starts.
+Resources are decided up front, so no trial ever waits for workers that cannot be scheduled: a
+1-worker trial is one Tune trial actor holding its worker's resources; a trial of N workers is a
+small trial actor plus a Ray Train run of N workers, counted together. At most as many trials run
+at once as the cluster fits; a trial too big for the cluster is an error before Tune starts.
 Trial checkpoints and logs go to ``{storage_path}/{name}/trial_<id>/`` (Tune's own files to
 ``{storage_path}/{name}/_tune``), on the same storage as single runs, s3:// included.
 """
@@ -47,17 +48,29 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
 
     _validate(module, data, trainer, search_space, metric, mode, num_samples)
     cfg = trainer.cfg
-    if cfg.devices not in (1, "auto"):
-        raise ConfigError(f"sweep: trials with devices={cfg.devices} are not supported yet; each "
-                          "trial runs one worker (use devices=1 and more concurrent trials)")
+    if cfg.devices == "auto" and cfg.accelerator == "gpu":
+        raise ConfigError("sweep: devices='auto' with accelerator='gpu' would give every trial all "
+                          "GPUs; set devices=<workers per trial>")
+    workers = cfg.devices if isinstance(cfg.devices, int) else 1
     ensure_ray()
     import ray
-    per_trial = _per_trial_resources(cfg)
-    concurrent = _max_concurrent(per_trial, ray.cluster_resources(), max_concurrent_trials)
+    cluster = ray.cluster_resources()
+    trainer_kwargs = dict(trainer._init_kwargs)
+    if workers > 1:
+        # Tune reserves only the trial actor; the trial's Train workers reserve theirs when they
+        # start. Concurrency counts both, so every running trial's workers always fit.
+        worker_res = _worker_resources(cfg, workers, cluster)
+        trainer_kwargs["resources_per_worker"] = worker_res
+        actor_res = dict(TRIAL_ACTOR)
+        per_trial = {k: actor_res.get(k, 0) + workers * worker_res.get(k, 0)
+                     for k in set(actor_res) | set(worker_res)}
+    else:
+        actor_res = per_trial = _per_trial_resources(cfg)
+    concurrent = _max_concurrent(per_trial, cluster, max_concurrent_trials)
     sweep_dir = cfg.run_dir
-    job = {"module": module, "data": data, "trainer_kwargs": trainer._init_kwargs,
-           "sweep_dir": sweep_dir, "metric": metric}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), per_trial)
+    job = {"module": module, "data": data, "trainer_kwargs": trainer_kwargs,
+           "sweep_dir": sweep_dir, "metric": metric, "workers": workers}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), actor_res)
     tune_storage, tune_fs = storage.ray_storage(sweep_dir, cfg.storage_options)
     run_config = tune.RunConfig(name="_tune", storage_path=tune_storage, storage_filesystem=tune_fs,
                                 # Tune's checkpoints are tiny pointers to ours: keep them all
@@ -71,7 +84,8 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
         max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
         # A finished or stopped trial's actor runs the next trial: no new process, no torch
         # import (~2-3 s a trial here). Tune falls back to a new actor if a reset fails.
-        reuse_actors=True,
+        # (Not with workers: ending the actor is what takes a stopped trial's Train run down.)
+        reuse_actors=workers == 1,
         trial_dirname_creator=_trial_dirname)
     experiment = f"{tune_storage.rstrip('/')}/_tune"
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs):
@@ -81,7 +95,8 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     else:
         tuner = tune.Tuner(trainable, param_space=search_space, tune_config=tune_config,
                            run_config=run_config)
-    print(f"[raytrainer] sweep: {num_samples} trial(s) x {per_trial} each, {concurrent} at once, "
+    shape = f"{workers} workers, " if workers > 1 else ""
+    print(f"[raytrainer] sweep: {num_samples} trial(s) x {shape}{per_trial} each, {concurrent} at once, "
           f"scheduler={_name(scheduler)}, metric={metric} ({mode}), dir={sweep_dir}", flush=True)
     grid = tuner.fit()
     # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
@@ -141,6 +156,23 @@ def _per_trial_resources(cfg) -> dict:
     res = dict(cfg.resources_per_worker or {"CPU": 1})
     if cfg.accelerator == "gpu":
         res.setdefault("GPU", 1)
+    return res
+
+
+TRIAL_ACTOR = {"CPU": 0.25}  # a multi-worker trial's actor only waits on its workers' reports
+
+
+def _worker_resources(cfg, workers: int, cluster: dict) -> dict:
+    """One Train worker of a multi-worker trial: resources_per_worker, else 1 CPU (and 1 GPU on
+    accelerator='gpu') — shrunk to a CPU share when one trial would not fit the cluster at 1."""
+    if cfg.resources_per_worker is not None:
+        return dict(cfg.resources_per_worker)
+    res = {"CPU": 1.0}
+    room = cluster.get("CPU", 0) - TRIAL_ACTOR["CPU"]
+    if workers * res["CPU"] > room > 0:
+        res["CPU"] = math.floor(100 * room / workers) / 100
+    if cfg.accelerator == "gpu":
+        res["GPU"] = 1
     return res
 
 

@@ -4,6 +4,10 @@ A 1-worker trial runs the one loop right here in the trial actor, through a Tune
 Ray Train run, so no second placement group that Tune does not know about (the root of Tune+Train
 deadlocks and leaks), and no 8–10 s of Train start-up per trial. When ASHA stops a trial, Tune ends
 this actor and nothing else is left running.
+
+A trial of N > 1 workers starts a Ray Train run from the trial actor (``fit_on_workers``); sweep()
+sizes concurrency for the actor and its workers together, and Tune kills the actor (not reuses it)
+when the trial ends, taking the Train controller and its workers along.
 """
 from __future__ import annotations
 
@@ -46,6 +50,9 @@ class TuneContext:
 
     def latest_checkpoint(self) -> str | None:
         return None
+
+    def poll_stop(self, global_step: int, epoch_end: bool) -> None:
+        return None  # Tune stops and restores trials itself
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune
@@ -107,7 +114,8 @@ def run_trial(config: dict, job: dict) -> None:
     module = build_module(job["module"], module_kwargs, config)
     data = build_data(job["data"], data_overrides)
     kwargs = {**job["trainer_kwargs"], **trainer_overrides,
-              "storage_path": job["sweep_dir"], "name": f"trial_{trial_id}", "launcher": "local",
+              "storage_path": job["sweep_dir"], "name": f"trial_{trial_id}",
+              "launcher": "ray" if job.get("workers", 1) > 1 else "local",
               "enable_progress_bar": False,
               # Tune may end this actor right after any report (ASHA stop, PBT pause): a
               # checkpoint it is told about must already be committed.
@@ -136,7 +144,10 @@ def run_trial(config: dict, job: dict) -> None:
         _write_json(f"{trainer.cfg.run_dir}/{RESULT_FILE}", {"completed": False, "restores": restores},
                     trainer.cfg.storage_options)
     ctx = TuneContext(resolve_device(trainer.cfg.accelerator), job["metric"])
-    out = execute(trainer, "fit", module, data, {}, ckpt_path, ctx)
+    if job.get("workers", 1) > 1:
+        out = fit_on_workers(trainer, module, data, ckpt_path, ctx)
+    else:
+        out = execute(trainer, "fit", module, data, {}, ckpt_path, ctx)
     if not ctx.reports and job["metric"] in out["metrics"]:
         tune.report(out["metrics"])  # resumed at its end: Tune still needs one result
     ckpt = trainer.checkpoint_callback
@@ -145,6 +156,39 @@ def run_trial(config: dict, job: dict) -> None:
                "best_checkpoint": ckpt.best_model_path if ckpt else None,
                "last_checkpoint": latest_committed(trainer.cfg, trainer.cfg.storage_options)}
     _write_json(f"{trainer.cfg.run_dir}/{RESULT_FILE}", summary, trainer.cfg.storage_options)
+
+
+def fit_on_workers(trainer, module, data, ckpt_path, ctx: TuneContext) -> dict:
+    """A trial of N workers: a Ray Train run started from this trial actor (Tune does not see its
+    workers; sweep() limits concurrency so they always fit). Rank 0 sends every report through a
+    queue; this thread — the trial's own — turns each into a Tune result with a checkpoint
+    pointer, exactly as a 1-worker trial does. When Tune ends the trial (ASHA stop, PBT pause) it
+    kills this actor, which owns the Train controller: the workers go with it."""
+    import threading
+
+    from ray.util.queue import Empty, Queue
+
+    from raytrainer.ray_launcher import launch_ray
+    reports = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["out"] = launch_ray(trainer, "fit", module, data, {}, ckpt_path, report_queue=reports)
+        except BaseException as e:  # re-raised in the trial's thread, where Tune sees it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=fit, daemon=True, name="raytrainer-trial-fit")
+    worker.start()
+    while worker.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint_dir = reports.get(timeout=0.2)
+        except Empty:
+            continue
+        ctx.report(metrics, checkpoint_dir)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["out"]
 
 
 def resolve_pointer(uri: str, storage_options, timeout_s: float = 30.0) -> str:

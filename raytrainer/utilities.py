@@ -97,6 +97,22 @@ def infer_batch_size(batch: Any) -> int:
             return 1
 
 
+def describe_batch(batch: Any, depth: int = 0) -> str:
+    """A short description of a batch's structure for error messages:
+    ``list[Tensor(4, 2), Tensor(4, 1)]``, ``dict{'x': Tensor(4, 2)}``, ``Tensor(4, 2)``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if depth >= 2:
+        return type(batch).__name__
+    if isinstance(batch, Mapping):
+        items = [f"{k!r}: {describe_batch(v, depth + 1)}" for k, v in list(batch.items())[:6]]
+        return f"{type(batch).__name__}{{{', '.join(items)}{', ...' if len(batch) > 6 else ''}}}"
+    if isinstance(batch, (list, tuple)):
+        items = [describe_batch(v, depth + 1) for v in batch[:6]]
+        return f"{type(batch).__name__}[{', '.join(items)}{', ...' if len(batch) > 6 else ''}]"
+    return type(batch).__name__
+
+
 def seed_everything(seed: int) -> int:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

@@ -1,6 +1,11 @@
 """Run by tests/test_multinode.py in its own process: a simulated 3-node Ray cluster
 (ray.cluster_utils.Cluster), 2 DDP workers spread over nodes, the node of rank 1 removed
-mid-run, training resumed on the remaining (spare) node. Prints one JSON line."""
+mid-run, training resumed on the remaining (spare) node. Prints one JSON line.
+
+    multinode_job.py TMP            the node dies without notice (checkpoints every step)
+    multinode_job.py TMP drain      the node is first drained as preempted (Ray's notice, as a spot
+                                    reclaim gives): a just-in-time checkpoint, then the node goes
+"""
 import json
 import os
 import sys
@@ -16,6 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import raytrainer as rt
 
 KILL_AT = 6
+DRAIN_AT = 8  # mid-epoch 1 (6 steps per epoch)
+DRAIN = False
 
 
 class Net(rt.Module):
@@ -32,9 +39,21 @@ class Net(rt.Module):
         if self.marker_dir:  # which node each rank runs on, per attempt
             node = ray.get_runtime_context().get_node_id()
             with open(os.path.join(self.marker_dir, f"nodes-{self.global_rank}-{time.time_ns()}"), "w") as f:
-                f.write(node)
+                f.write(f"{node} {self.global_step}")
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if DRAIN and self.marker_dir:
+            if self.global_rank == 1 and self.global_step == DRAIN_AT:
+                flag = os.path.join(self.marker_dir, "drain-my-node")
+                if not os.path.exists(flag + ".done"):
+                    with open(flag, "w") as f:
+                        f.write(ray.get_runtime_context().get_node_id())
+            # Train on slowly once the drain is requested, until the just-in-time checkpoint is
+            # there (Ray's watcher polls every 0.2 s; on a loaded machine it can take seconds).
+            drained = os.path.exists(os.path.join(self.marker_dir, "drain-my-node"))
+            seen = os.path.exists(os.path.join(self.marker_dir, "jit-checkpoint"))
+            time.sleep(2.5 if drained and not seen else 0.05)
+            return
         if self.marker_dir and self.global_rank == 1 and self.global_step == KILL_AT:
             flag = os.path.join(self.marker_dir, "remove-my-node")
             if not os.path.exists(flag + ".done"):
@@ -59,6 +78,36 @@ def node_remover(cluster, marker_dir, stop):
         time.sleep(0.1)
 
 
+def node_drainer(cluster, marker_dir, run_dir, stop):
+    """Drain rank 1's node as preempted, wait for the just-in-time checkpoint, remove the node."""
+    from ray.core.generated import autoscaler_pb2
+
+    from raytrainer import checkpoint as ckpt_io
+    flag = os.path.join(marker_dir, "drain-my-node")
+    while not stop.is_set() and not os.path.exists(flag):
+        time.sleep(0.05)
+    if stop.is_set():
+        return
+    node_id = open(flag).read().strip()
+    open(flag + ".done", "w").close()
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot instance reclaimed", int(time.time() * 1000) + 60_000)
+    assert accepted, why
+    deadline = time.time() + 60
+    while time.time() < deadline and not stop.is_set():
+        mid_epoch = [u for u in ckpt_io.list_committed(os.path.join(run_dir, "checkpoints")) if not u.endswith("epoch_end")]
+        if mid_epoch:
+            with open(os.path.join(marker_dir, "jit-checkpoint"), "w") as f:
+                f.write(mid_epoch[-1])
+            break
+        time.sleep(0.05)
+    for node in list(cluster.worker_nodes):
+        if node.node_id == node_id:
+            cluster.remove_node(node, allow_graceful=False)
+            open(os.path.join(marker_dir, "remove-my-node.done"), "w").close()
+
+
 def fit(tmp, name, marker_dir=None, max_failures=0):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 4, generator=g)
@@ -68,7 +117,9 @@ def fit(tmp, name, marker_dir=None, max_failures=0):
     trainer = rt.Trainer(devices=2, max_epochs=2, seed=0, storage_path=tmp, name=name, logger=False,
                          enable_progress_bar=False, max_failures=max_failures,
                          resources_per_worker={"CPU": 1},
-                         callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1)])
+                         log_every_n_steps=1,
+                         # drain mode: epoch-end checkpoints only, so the just-in-time one shows
+                         callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=None if DRAIN else 1)])
     return model, trainer.fit(model, data)
 
 
@@ -83,23 +134,42 @@ def main(tmp):
         marker_dir = os.path.join(tmp, "markers")
         os.makedirs(marker_dir)
         stop = threading.Event()
-        threading.Thread(target=node_remover, args=(cluster, marker_dir, stop), daemon=True).start()
+        if DRAIN:
+            run_dir = os.path.join(tmp, "killed")
+            threading.Thread(target=node_drainer, args=(cluster, marker_dir, run_dir, stop), daemon=True).start()
+        else:
+            threading.Thread(target=node_remover, args=(cluster, marker_dir, stop), daemon=True).start()
         t0 = time.time()
         resumed, result = fit(tmp, "killed", marker_dir, max_failures=2)
         stop.set()
-        nodes = {}
+        nodes, start_steps = {}, {}
         for name in sorted(os.listdir(marker_dir), key=lambda n: int(n.rsplit("-", 1)[1]) if n.startswith("nodes") else 0):
             if name.startswith("nodes-"):
-                nodes.setdefault(name.split("-")[1], []).append(open(os.path.join(marker_dir, name)).read())
+                node, start_step = open(os.path.join(marker_dir, name)).read().split()
+                nodes.setdefault(name.split("-")[1], []).append(node)
+                start_steps.setdefault(name.split("-")[1], []).append(int(start_step))
         identical = all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
         print(json.dumps({"identical": identical, "global_step": result.global_step,
                           "node_removed": os.path.exists(os.path.join(marker_dir, "remove-my-node.done")),
-                          "nodes_by_rank": nodes, "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                          "nodes_by_rank": nodes, "start_steps": start_steps, "jit_checkpoint": _read(os.path.join(marker_dir, "jit-checkpoint")),
+                          "committed": [os.path.basename(u) for u in _committed(os.path.join(tmp, "killed"))], "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
                           "killed_run_s": round(time.time() - t0, 1)}))
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
+def _read(path):
+    return open(path).read() if os.path.exists(path) else None
+
+
+def _committed(run_dir):
+    from raytrainer import checkpoint as ckpt_io
+    return ckpt_io.list_committed(os.path.join(run_dir, "checkpoints"))
+
+
 if __name__ == "__main__":
+    DRAIN = len(sys.argv) > 2 and sys.argv[2] == "drain"
+    if DRAIN:  # Ray's watcher and our check poll fast (default 5 s); nodes inherit this env
+        os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     main(sys.argv[1])

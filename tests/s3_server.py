@@ -34,7 +34,10 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "S3Server":
+    def start(self, port: int | None = None) -> "S3Server":
+        """Serve on ``port`` (a restart after ``stop()``: clients keep their endpoint), or on a
+        free port. Buckets and objects live in moto's in-process backend, not in the server, so
+        they survive a stop and a start in the same process."""
         import logging
 
         from moto.server import ThreadedMotoServer
@@ -42,8 +45,9 @@ class S3Server:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in test logs
 
         last_error: Exception | None = None
+        wanted = port
         for _ in range(3):  # the free port can be taken between probing and binding: retry
-            port = free_port()
+            port = wanted or free_port()
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             # ThreadedMotoServer.start() waits for readiness without a timeout (and forever if the
             # bind fails): start its thread ourselves and wait a bounded time.

@@ -23,5 +23,28 @@ def test_node_removed_mid_run_resumes_on_spare_node(tmp_path):
     first_attempt = {rank: nodes[0] for rank, nodes in out["nodes_by_rank"].items()}
     assert first_attempt["0"] != first_attempt["1"]   # spread over two nodes
     assert len(out["nodes_by_rank"]["1"]) >= 2         # rank 1 started again after the node died
+    # from the newest committed checkpoint: step 5 (the node died inside step 6, before its boundary)
+    assert out["start_steps"]["1"][-1] == 5
     assert out["nodes_by_rank"]["1"][-1] != first_attempt["1"]
     assert out["identical"], out
+
+
+def test_node_drained_as_preempted_commits_a_just_in_time_checkpoint_then_resumes(tmp_path):
+    """Ray's preemption notice (a node drained with reason PREEMPTION, what a spot reclaim gives
+    the cluster): the workers commit a checkpoint at once and train on; when the node goes, the
+    restarted workers resume from that checkpoint, not from the last epoch end."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "multinode_job.py"),
+                           str(tmp_path), "drain"], capture_output=True, text=True, timeout=400, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(lines[-1])
+    assert out["node_removed"] and out["jit_checkpoint"], out
+    jit_step = int(out["jit_checkpoint"].rsplit("step=", 1)[1])
+    # epoch-end checkpoints only (6 steps per epoch), so a mid-epoch one is the notice's; the
+    # node is drained at step 8
+    assert 8 <= jit_step < 12 and "-epoch_end" not in out["jit_checkpoint"], out
+    assert "Ray drain notice" in proc.stdout + proc.stderr
+    assert len(out["nodes_by_rank"]["1"]) >= 2  # rank 1 restarted elsewhere
+    assert out["start_steps"]["1"] == [0, jit_step]  # ... from the just-in-time checkpoint
+    assert out["global_step"] == 12 and out["identical"], out

@@ -86,3 +86,38 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     finished_lrs = {summary["lr_by_trial"][name.removeprefix("trial_")] for name in finished}
     assert len(finished_lrs) >= 2
     assert not finished_lrs & {float(x) for x in restarted}, (finished_lrs, restarted)
+
+
+@pytest.mark.timeout(420)
+def test_two_worker_trials_run_ddp_stop_early_and_leave_nothing_behind(ray_cluster, tmp_path):
+    """devices=2 per trial: each trial is a Ray Train run of two DDP workers started from its Tune
+    actor; concurrency counts actor + workers (one at a time on 2 CPUs), ASHA still stops bad
+    trials, and when the sweep ends no worker, placement group or CPU is left held."""
+    import ray
+    from ray.util import placement_group_table
+
+    lrs = [3e-2, 1e-4, 3e-5]  # good first: the later, worse ones are stopped against it
+    trainer = rt.Trainer(devices=2, max_epochs=4, storage_path=str(tmp_path), name="ddp", logger=False)
+    t0 = time.time()
+    result = rt.sweep(Reg, RegData(), trainer, search_space={"lr": rt.tune.grid_search(lrs)},
+                      metric="val_loss", mode="min", scheduler="asha", grace_period=1, reduction_factor=2)
+    print(f"2-worker ASHA sweep of {len(lrs)} trials x 4 epochs: {time.time() - t0:.1f} s wall")
+    table = result.table()
+    status = dict(zip(table["config/lr"], table["status"]))
+    iterations = dict(zip(table["config/lr"], table["iterations"]))
+    assert status[3e-2] == "completed" and iterations[3e-2] == 4  # one Tune result per validation
+    assert sum(s == "early-stopped" for s in status.values()) >= 1, result.summary()
+    assert result.best.config["lr"] == 3e-2
+    best_dir = result.best.checkpoint
+    # written by both DDP workers (one RNG file per rank), committed, under the trial's folder
+    assert {"rank-00000.pt", "rank-00001.pt", "COMMIT.json"} <= set(os.listdir(best_dir))
+    assert best_dir.startswith(str(tmp_path / "ddp" / f"trial_{result.best.trial_id}"))
+    # nothing left holding the cluster: every placement group removed, all CPUs free again
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live and ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(0.5)
+    assert not live, live
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 import pickle
 import struct
 import sys
@@ -110,9 +111,16 @@ def _wandb_run(path) -> dict:
     return out
 
 
-def _offline_runs(save_dir) -> list[dict]:
-    files = glob.glob(os.path.join(str(save_dir), "wandb", "offline-run-*", "run-*.wandb"))
-    return [_wandb_run(f) for f in sorted(files, key=os.path.getmtime)]
+def _offline_runs(save_dir, timeout_s: float = 20.0) -> list[dict]:
+    """Every offline run under ``save_dir``, read once its file is complete: W&B's service process
+    writes the file after ``finish()`` returns, and on a loaded machine the read can come first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        files = glob.glob(os.path.join(str(save_dir), "wandb", "offline-run-*", "run-*.wandb"))
+        runs = [_wandb_run(f) for f in sorted(files, key=os.path.getmtime)]
+        if all(r["id"] is not None and r["exit_code"] is not None for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
 
 
 def _series(rows, key) -> list[tuple[int, float]]:

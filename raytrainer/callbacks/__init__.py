@@ -3,5 +3,7 @@ from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.lr_monitor import LearningRateMonitor
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.progress import ProgressBar
+from raytrainer.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint", "ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint", "ProgressBar",
+           "ThroughputMonitor"]

@@ -2,11 +2,22 @@
 
 Metrics shown on the bar are read from the device only on logging steps and at epoch ends, so the
 bar adds no host sync to the other steps.
+
+Where the bar goes (chosen when each epoch starts, from where this process writes):
+- a Jupyter kernel: tqdm's widget when ipywidgets is installed, else tqdm's text bar, whose
+  carriage-return redraws the notebook renders in place;
+- a terminal: tqdm's text bar;
+- anything else (a Ray worker, whose output is a log file that Ray forwards to the driver line by
+  line; a redirected file): whole lines, one every ``line_every_s`` seconds and one when the epoch
+  ends. A redrawn bar there would reach the driver as fragments of redraws, one per read of the
+  log, each behind the worker's prefix.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
+import time
 
 from raytrainer.callbacks.base import Callback
 
@@ -14,18 +25,24 @@ from raytrainer.callbacks.base import Callback
 class ProgressBar(Callback):
     rank_zero_only = True  # the Run drops it on other ranks
 
-    def __init__(self, leave: bool = True):
+    def __init__(self, leave: bool = True, line_every_s: float = 30.0):
         self.leave = leave
+        self.line_every_s = line_every_s
         self._bar = None
         self._every = 1
         self._shown_step = -1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        from tqdm.auto import tqdm
         run = trainer._run
         total = None if math.isinf(run.num_training_batches) else int(run.num_training_batches)
-        self._bar = tqdm(total=total, initial=run.batches_done, desc=f"Epoch {run.current_epoch}",
-                         leave=self.leave, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+        desc = f"Epoch {run.current_epoch}"
+        bar_class = _bar_class(sys.stderr)
+        if bar_class is None:
+            self._bar = _LineBar(total=total, initial=run.batches_done, desc=desc, file=sys.stderr,
+                                 every_s=self.line_every_s)
+        else:
+            self._bar = bar_class(total=total, initial=run.batches_done, desc=desc, leave=self.leave,
+                                  file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
         self._every = trainer.log_every_n_steps  # read here, not through properties every batch
         self._shown_step = run.global_step
 
@@ -61,6 +78,74 @@ class ProgressBar(Callback):
 
     def __getstate__(self):
         return {**self.__dict__, "_bar": None}
+
+
+def _bar_class(stream):
+    """tqdm's widget bar in a Jupyter kernel with ipywidgets, its text bar in other kernels and in
+    terminals, None (whole lines) elsewhere.
+
+    What ``tqdm.auto`` decides, without its warnings: it warns "IProgress not found" in a kernel
+    without ipywidgets (the widget is optional here, so the text bar is the intended fallback, not
+    a problem to report) and "TqdmExperimentalWarning" whenever it picks the widget.
+    """
+    if _in_jupyter_kernel():
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            from tqdm.notebook import tqdm
+            return tqdm
+        from tqdm.std import tqdm
+        return tqdm
+    try:
+        interactive = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        interactive = False
+    if interactive:
+        from tqdm.std import tqdm
+        return tqdm
+    return None
+
+
+def _in_jupyter_kernel() -> bool:
+    # IPython not imported: not in a kernel (and not worth importing to find out).
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if type(shell).__name__ != "ZMQInteractiveShell":  # Jupyter, JupyterLab, VS Code, Colab
+        return False
+    # qtconsole and Spyder run the same shell but draw no widgets (tqdm.autonotebook's test).
+    return not any(k == "QT_API" or k.startswith("SPYDER") for k in os.environ)
+
+
+class _LineBar:
+    """The part of tqdm's interface the callback uses, printing whole lines formatted as tqdm's
+    bar: one every ``every_s`` seconds of the epoch, one at its end."""
+
+    def __init__(self, total: int | None, initial: int, desc: str, file, every_s: float):
+        self.total, self.n, self.initial, self.desc, self.file = total, initial, initial, desc, file
+        self.every_s = every_s
+        self.postfix = ""
+        self.start = self.printed = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.printed >= self.every_s:
+            self._print(now)
+
+    def set_postfix(self, ordered_dict: dict, refresh: bool = False) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in ordered_dict.items())
+
+    def close(self) -> None:
+        self._print(time.monotonic())
+
+    def _print(self, now: float) -> None:
+        from tqdm.std import tqdm
+        self.printed = now
+        line = tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc,
+                                 postfix=self.postfix or None, initial=self.initial, ascii=True)
+        print(line, file=self.file, flush=True)
 
 
 def _fmt(metrics: dict[str, float]) -> dict[str, str]:

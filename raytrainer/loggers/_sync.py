@@ -50,14 +50,25 @@ def _filesystem(remote_uri: str, storage_options=None):
 
 def sync_dir_to_remote(local_dir: str, remote_uri: str,
                        uploaded: dict[str, tuple[int, int]] | None = None,
-                       storage_options=None) -> list[str]:
+                       storage_options=None, strict: bool = True) -> list[str]:
     """Copy every file under ``local_dir`` to the same relative path under ``remote_uri``.
 
     ``uploaded`` (optional, updated in place) maps relative paths to the ``(size, mtime_ns)``
     last uploaded, so repeated syncs skip unchanged files -- an event file is re-sent only when
     it grew, which keeps per-checkpoint syncs cheap on object stores. Returns the uploaded
     relative paths.
+
+    ``strict=False`` (the uploads during training): a failure is printed, not raised. Storage
+    that is unreachable for a while must not kill a run whose checkpoint commits are retried
+    anyway; ``uploaded`` records only what arrived, so the next sync sends the rest.
     """
+    if not strict:
+        try:
+            return sync_dir_to_remote(local_dir, remote_uri, uploaded, storage_options)
+        except Exception as e:
+            print(f"[raytrainer] uploading logs to {remote_uri} failed ({type(e).__name__}: {e}); "
+                  f"they stay in {local_dir} and the next upload sends them", flush=True)
+            return []
     fs, root = _filesystem(remote_uri, storage_options)
     sent = []
     for dirpath, _, files in os.walk(local_dir):

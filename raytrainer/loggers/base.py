@@ -37,7 +37,8 @@ class Logger:
         """Flush buffered output to storage (called at checkpoints and epoch ends)."""
 
     def finalize(self, status: str) -> None:
-        """Flush and close; ``status`` is ``"success"`` or ``"failed"``."""
+        """Flush and close; ``status`` is ``"success"``, ``"failed"`` or ``"preempted"`` (stopped by a
+        signal with a committed checkpoint; the run resumes later under the same identity)."""
 
     def state_dict(self) -> dict:
         return {}

@@ -172,15 +172,19 @@ class CSVLogger(Logger):
         self._last_row = kept[-1] if kept else None
 
     def save(self) -> None:
+        self._save(strict=False)  # during training: a failed upload is retried next save
+
+    def finalize(self, status: str) -> None:
+        # After a failure, a failing upload must not replace the run's own exception.
+        self._save(strict=status == "success")
+
+    def _save(self, strict: bool) -> None:
         if self._local_dir is None:
             return  # nothing logged yet in this process
         self._flush()
         if self._remote is not None:
             _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded,
-                                     self._storage_options)
-
-    def finalize(self, status: str) -> None:
-        self.save()
+                                     self._storage_options, strict=strict)
 
     def state_dict(self) -> dict:
         return {"step": self._last_step}

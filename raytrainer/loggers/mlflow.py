@@ -175,7 +175,7 @@ class MLflowLogger(Logger):
     def finalize(self, status: str) -> None:
         if not self._opened:
             return  # nothing was logged in this process
-        self._client.set_terminated(self._run_id, "FINISHED" if status == "success" else "FAILED")
+        self._client.set_terminated(self._run_id, {"success": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
         self._opened = False  # a later stage (validate after fit) reopens the same run
 
     def state_dict(self) -> dict:

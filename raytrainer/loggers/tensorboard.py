@@ -121,23 +121,24 @@ class TensorBoardLogger(Logger):
         """
         if self._remote is not None:
             self._close_writer()
-            self._upload()
+            self._upload(strict=False)  # during training: a failed upload is retried next save
         elif self._writer is not None:
             self._writer.flush()
 
     def finalize(self, status: str) -> None:
         self._close_writer()
-        self._upload()
+        # After a failure, a failing upload must not replace the run's own exception.
+        self._upload(strict=status == "success")
 
     def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    def _upload(self) -> None:
+    def _upload(self, strict: bool) -> None:
         if self._remote is not None and self._local_dir is not None:
             _sync.sync_dir_to_remote(self._local_dir, self._remote, self._uploaded,
-                                     self._storage_options)
+                                     self._storage_options, strict=strict)
 
     def state_dict(self) -> dict:
         return {"step": self._last_step}

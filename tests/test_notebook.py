@@ -1,0 +1,154 @@
+"""examples/notebook.ipynb executed headless with nbclient, as a person runs it in Jupyter: a
+Module and a DataModule defined in the kernel's ``__main__``, fitted in the kernel
+(launcher="local") and by 2 Ray Train workers (launcher="ray"), a checkpoint read back.
+
+The kernel is the ``python3`` kernelspec that ipykernel's wheel installs into this venv
+(``share/jupyter/kernels/python3``, argv ``python``, which jupyter_client runs as this
+interpreter): no install step. Like tests/test_ray_s3.py's subprocess, the kernel starts its own
+embedded Ray (RAY_ADDRESS removed) — what a notebook user gets — and the notebook's last cell shuts
+it down; every process carrying this test's marker variable must be gone afterwards.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import sys
+import time
+import uuid
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "examples" / "notebook.ipynb"
+MARKER = "RAYTRAINER_TEST_NOTEBOOK"   # env var naming the kernel and the Ray it starts
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment holds ``MARKER=<marker>`` (Linux /proc; others: none found)."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return pids
+
+
+def _texts(cell) -> tuple[str, str]:
+    """(stdout, stderr) of a code cell, colour codes removed (Ray colours its worker prefixes)."""
+    out = {"stdout": "", "stderr": ""}
+    for o in cell.get("outputs", []):
+        if o.output_type == "stream":
+            out[o.name] += ANSI.sub("", o.text)
+    return out["stdout"], out["stderr"]
+
+
+def _values(line: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)\b", line)}
+
+
+def _line(text: str, prefix: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, f"expected one line starting with {prefix!r} in:\n{text}"
+    return lines[0]
+
+
+def _cell(nb, source_start: str):
+    cells = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
+    assert len(cells) == 1, source_start
+    return cells[0]
+
+
+def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("sklearn")           # the digits data
+    from jupyter_client.kernelspec import KernelSpecManager
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    assert argv0 in ("python", "python3", sys.executable), \
+        f"the python3 kernelspec runs {argv0!r}, not this interpreter ({sys.executable})"
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env[MARKER] = marker
+    # The notebook's folder is the kernel's working directory: its runs land in tmp_path.
+    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    started = time.monotonic()
+    try:
+        client.execute(env=env)
+    finally:
+        print(f"notebook executed in {time.monotonic() - started:.1f} s")
+        nbformat.write(nb, tmp_path / "executed.ipynb")   # for a look when it fails
+        deadline = time.monotonic() + 30   # ray.shutdown() ran; its processes may take a moment
+        while (left := _marked_pids(marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, f"processes of the notebook's kernel or Ray survived it: {left}"
+
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors
+    runs = tmp_path / "raytrainer_runs"
+
+    # launcher="local": the printed result, the checkpoint on disk, the bar drawn in the kernel.
+    out, err = _texts(_cell(nb, "print(f\"local:"))
+    local = _values(_line(out, "local:"))
+    assert local["epochs"] == 3 and local["steps"] == 72   # 24 batches of 1527 samples, 3 epochs
+    assert local["val_acc"] >= 0.9, out
+    best = _line(out, "best checkpoint:").split(": ", 1)[1]
+    assert best == str(runs / "notebook-local" / "checkpoints" / "step=000000072")
+    assert (pathlib.Path(best) / "COMMIT.json").is_file()
+    fit_cell = _cell(nb, "rt.seed_everything(0)\nlocal_model")
+    try:
+        import ipywidgets  # noqa: F401  (the kernel is this interpreter: it sees the same packages)
+    except ImportError:  # tqdm's text bar, redrawn in place by the notebook
+        assert "Epoch 2: 100%" in _texts(fit_cell)[1] and "24/24" in _texts(fit_cell)[1]
+    else:                # tqdm's widget
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   for o in fit_cell.outputs)
+
+    # launcher="ray": 2 workers, each half of every epoch; both ranks' state in the checkpoint.
+    fit_out, _ = _texts(_cell(nb, "rt.seed_everything(0)\nray_model"))
+    assert "launcher=ray workers=2" in fit_out
+    out, _ = _texts(_cell(nb, "print(f\"ray:"))
+    on_ray = _values(_line(out, "ray:"))
+    assert on_ray["epochs"] == 3 and on_ray["steps"] == 36
+    assert on_ray["val_acc"] >= 0.85, out
+    ckpt = runs / "notebook-ray" / "checkpoints" / "step=000000036"
+    assert _line(out, "checkpoint:") == (f"checkpoint: {ckpt} ['COMMIT.json', 'model.pt', "
+                                         "'rank-00000.pt', 'rank-00001.pt', 'state.pt']")
+    assert (ckpt / "COMMIT.json").is_file()
+    assert (runs / "notebook-ray" / "csv" / "metrics.csv").is_file()
+    assert any((runs / "notebook-ray" / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # Rank 0's bar, forwarded by Ray: one whole line per epoch (no redraw fragments). A line may
+    # arrive after its cell ended, so every cell from the Ray fit on is searched.
+    ray_cells = nb.cells[nb.cells.index(_cell(nb, "rt.seed_everything(0)\nray_model")):]
+    forwarded = "".join(_texts(c)[1] for c in ray_cells)
+    for epoch in range(3):
+        lines = re.findall(rf"^\(RayTrainWorker pid=\d+\) Epoch {epoch}: .*$", forwarded, re.M)
+        assert len(lines) == 1 and "| 12/12 [" in lines[0] and "val_acc=" in lines[0], forwarded
+    assert "\r" not in forwarded
+
+    # The checkpoint read back: the weights fit left in the model, the same validation accuracy.
+    out, _ = _texts(_cell(nb, "state = rt.load_checkpoint"))
+    line = _line(out, "reloaded:")
+    assert "weights_equal=True" in line and "step=36" in line
+    assert _values(line)["val_acc"] == pytest.approx(on_ray["val_acc"], abs=1e-4)
+
+    # Nothing about missing ipywidgets: the widget is optional (raytrainer/callbacks/progress.py).
+    everything = "".join("".join(_texts(c)) for c in nb.cells if c.cell_type == "code")
+    assert "IProgress not found" not in everything and "Missing packages" not in everything
