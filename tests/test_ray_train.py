@@ -131,3 +131,24 @@ def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
         model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
     assert result.global_step == 10
     assert sorted(model.seen) == sorted(list(range(50)) * 2)
+
+
+class SlowOnRank1(Indexed):
+    """Loading is slow on rank 1 only: a straggler the profiler must name."""
+
+    def __getitem__(self, i):
+        import time
+
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_rank() == 1:
+            time.sleep(0.01)
+        return super().__getitem__(i)
+
+
+def test_simple_profiler_on_two_workers_names_the_straggling_rank(ray_cluster, tmp_path):
+    result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
+        Recorder(), DataLoader(SlowOnRank1(), batch_size=8))
+    wait = result.profile["slowest_rank_data_wait"]
+    assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
+    assert "slowest rank data wait: rank 1" in result.profile["table"]
+    assert (tmp_path / "ray" / "profiler" / "simple.txt").exists()
