@@ -10,7 +10,7 @@ import os
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import raytrainer as rt
 
@@ -23,6 +23,22 @@ def dataset(n: int = 10, features: int = 2, seed: int = 0, scale: float = 1.0) -
     x = torch.randn(n, features, generator=g)
     y = x.sum(dim=1, keepdim=True) * scale + 0.1 * torch.randn(n, 1, generator=g)
     return TensorDataset(x, y)
+
+
+class NoisyData(Dataset):
+    """``n`` samples of ``y = sum(x)`` whose inputs get augmentation noise from the *global* torch
+    RNG at load time: a resume must keep data loading drawing from the RNG in the same order."""
+
+    def __init__(self, n: int = 80, features: int = 6, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, features, generator=g)
+        self.y = self.x.sum(1, keepdim=True)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(self.x.shape[1]), self.y[i]
 
 
 def loader(n: int = 10, batch_size: int = 4, shuffle: bool = False, features: int = 2, seed: int = 0,

@@ -17,6 +17,9 @@ import raytrainer as rt
 
 
 class NoisyData(Dataset):
+    """helpers.NoisyData, defined here: this script's classes live in __main__, which Ray pickles
+    by value, so its workers need no import path to the tests folder (its job has none)."""
+
     def __init__(self, n=96):
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(n, 6, generator=g)

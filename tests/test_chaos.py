@@ -9,26 +9,17 @@ import signal
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import raytrainer as rt
+
+from helpers import NoisyData
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 STEPS_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY, KILLS = 10, 4, 3, 12
 
 
-class Noisy(Dataset):
-    def __init__(self, n=2 * 8 * STEPS_PER_EPOCH):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x.sum(1, keepdim=True)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i] + 0.01 * torch.randn(4), self.y[i]  # RNG drawn while loading
 
 
 class Victim(rt.Module):
@@ -63,7 +54,8 @@ def _fit(tmp_path, name, model, max_failures=0):
                          logger=False, enable_progress_bar=False, max_failures=max_failures,
                          callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=CHECKPOINT_EVERY,
                                                                  save_top_k=1)])
-    return trainer.fit(model, DataLoader(Noisy(), batch_size=8, shuffle=True))
+    data = NoisyData(2 * 8 * STEPS_PER_EPOCH, features=4, seed=0)  # 2 workers x batch 8
+    return trainer.fit(model, DataLoader(data, batch_size=8, shuffle=True))
 
 
 def test_twelve_random_kills_end_bit_identical(ray_cluster, tmp_path):

@@ -2,28 +2,16 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import raytrainer as rt
 from raytrainer import checkpoint as ckpt_io
 
+from helpers import NoisyData
+
 TOTAL_STEPS = 26  # 10 batches per epoch: two full epochs and part of a third
 
 
-class NoisyData(Dataset):
-    """Random augmentation drawn from the global torch RNG at load time: resume must keep data
-    loading and dropout drawing from the RNG in the same order as the uninterrupted run."""
-
-    def __init__(self, n=80):
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(n, 6, generator=g)
-        self.y = self.x.sum(1, keepdim=True)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i] + 0.01 * torch.randn(6), self.y[i]
 
 
 class Net(rt.Module):

@@ -16,29 +16,17 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import raytrainer as rt
 from raytrainer import checkpoint as ckpt_io
 
+from helpers import NoisyData
 from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 STEPS_PER_EPOCH = 5  # 40 samples, batch_size 8
 
 
-class NoisyData(Dataset):
-    """Augmentation noise drawn from the global torch RNG at load time (resume must keep RNG order)."""
-
-    def __init__(self, n=40):
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(n, 6, generator=g)
-        self.y = self.x.sum(1, keepdim=True)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i] + 0.01 * torch.randn(6), self.y[i]
 
 
 class Net(rt.Module):
@@ -80,7 +68,7 @@ def _fit(storage_path, *, name="run", callbacks=(), ckpt_path=None, **kwargs):
     trainer = rt.Trainer(launcher="local", enable_progress_bar=False, accelerator="cpu", seed=3,
                          storage_path=str(storage_path), name=name, log_every_n_steps=1,
                          callbacks=[ckpt, *callbacks], **kwargs)
-    result = trainer.fit(model, DataLoader(NoisyData(), batch_size=8, shuffle=True),
+    result = trainer.fit(model, DataLoader(NoisyData(40), batch_size=8, shuffle=True),
                          DataLoader(NoisyData(16), batch_size=8), ckpt_path=ckpt_path)
     return model, result, ckpt
 
@@ -247,7 +235,7 @@ def test_secret_scan_detects_a_leak(s3_env, s3_server):
     torch.manual_seed(0)
     trainer = rt.Trainer(launcher="local", enable_progress_bar=False, accelerator="cpu", max_epochs=1,
                          storage_path=s3_env, name="leaky")
-    trainer.fit(Leaky(), DataLoader(NoisyData(), batch_size=8))
+    trainer.fit(Leaky(), DataLoader(NoisyData(40), batch_size=8))
     objects = s3_server.all_objects(_bucket_and_key(s3_env)[0])
     with pytest.raises(AssertionError) as err:
         _assert_no_secret(objects)
