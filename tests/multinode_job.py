@@ -50,9 +50,16 @@ class Net(rt.Module):
                         f.write(ray.get_runtime_context().get_node_id())
             # Train on slowly once the drain is requested, until the just-in-time checkpoint is
             # there (Ray's watcher polls every 0.2 s; on a loaded machine it can take seconds).
+            # Then rank 1 waits to be taken down with its node: without that wait a fast
+            # machine finishes the last steps before the node is gone, and nothing is resumed.
             drained = os.path.exists(os.path.join(self.marker_dir, "drain-my-node"))
             seen = os.path.exists(os.path.join(self.marker_dir, "jit-checkpoint"))
-            time.sleep(2.5 if drained and not seen else 0.05)
+            if drained and not seen:
+                time.sleep(4)
+            elif seen and self.global_rank == 1 and _on_drained_node(self.marker_dir):
+                time.sleep(60)
+            else:
+                time.sleep(0.05)
             return
         if self.marker_dir and self.global_rank == 1 and self.global_step == KILL_AT:
             flag = os.path.join(self.marker_dir, "remove-my-node")
@@ -63,6 +70,11 @@ class Net(rt.Module):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _on_drained_node(marker_dir):
+    with open(os.path.join(marker_dir, "drain-my-node")) as f:
+        return f.read().strip() == ray.get_runtime_context().get_node_id()
 
 
 def node_remover(cluster, marker_dir, stop):
