@@ -13,12 +13,20 @@ What clusters send and what happens:
   node goes, Ray restarts the workers and they resume from that checkpoint (Ray's documented
   reaction; restarts for preemption are counted apart from ``max_failures``).
 
+* **SIGTERM to one Ray Train worker process** (its pod evicted, an OOM-killer's polite first
+  step, ``kill`` by an operator): that rank asks the others, and at the next agreement point every
+  rank commits a checkpoint of that step. With restarts left (``max_failures != 0``) the workers
+  then end with :class:`WorkerTerminated`, Ray restarts the group, and it resumes from that
+  checkpoint: no step is lost. With ``max_failures=0`` the fit stops as for the driver's SIGTERM
+  (``Preempted``). A second SIGTERM to the worker gets Ray's handler (exit at once).
+
 With several workers, every rank must stop at the same step (stopping is collective: DDP and the
 checkpoint both are), so ranks agree on a stop only every ``log_every_n_steps`` steps and at epoch
 ends (one small all-reduce there); one process alone checks at every step, for free.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -26,6 +34,7 @@ from typing import Callable, Iterator
 
 STOP = "stop"              # commit a checkpoint and end the fit (raise Preempted)
 CHECKPOINT = "checkpoint"  # commit a checkpoint and train on (Ray's drain notice)
+RESTART = "restart"        # commit a checkpoint, then end the workers so Ray restarts them
 
 
 class Preempted(SystemExit):
@@ -43,6 +52,11 @@ class Preempted(SystemExit):
                  else "no checkpoint (checkpointing is disabled)")
         return (f"training stopped on {self.reason} at step {self.global_step}; {where}. Run the same "
                 "command with ckpt_path='last' (same storage_path and name) to resume exactly")
+
+
+class WorkerTerminated(RuntimeError):
+    """Raised in every Ray Train worker after a worker's SIGTERM was answered with a committed
+    checkpoint: Ray restarts the worker group (``max_failures``) and it resumes from there."""
 
 
 class StopFlag:
@@ -99,14 +113,48 @@ def _restore(previous: dict) -> None:
         signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+# Set by a SIGTERM to this Ray Train worker process (install_worker_sigterm_handler); read by
+# RayTrainContext.poll_stop. One per process: a restarted worker group is new processes.
+WORKER_SIGTERM = StopFlag()
+# Set while a fit's training loop runs in this worker process. Outside it (setup, the end of the
+# fit, when Ray itself stops its workers with SIGTERM) a SIGTERM gets Ray's handler at once.
+WORKER_TRAINING = threading.Event()
+
+
+def install_worker_sigterm_handler() -> int:
+    """Runs on a Ray Train worker actor's main thread (WorkerGroup.execute, before the training
+    thread starts): SIGTERM asks for a committed checkpoint instead of Ray's immediate exit.
+    Returns the process id (the tests signal it)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        if WORKER_SIGTERM.reason is not None or not WORKER_TRAINING.is_set():  # Ray's handler
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if callable(previous):
+                return previous(signum, frame)
+            raise SystemExit(128 + signum)
+        WORKER_SIGTERM.request("SIGTERM")
+        print(f"[raytrainer] worker pid {os.getpid()} got SIGTERM: committing a checkpoint at the "
+              "next agreed step (send it again to exit now)", flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return os.getpid()
+
+
 def handle_stop_request(run, request: tuple[str, str]) -> None:
     """At a checkpoint boundary, after the callbacks: act on an agreed stop/checkpoint request."""
     action, reason = request
-    if action == CHECKPOINT:
-        if run.cfg.enable_checkpointing and run.last_saved_position != run.position():
-            uri = run.save_checkpoint()
+    if action in (CHECKPOINT, RESTART):
+        if run.cfg.enable_checkpointing and (action == RESTART or run.last_saved_position != run.position()):
+            uri = run.save_checkpoint()  # (the one already saved at this position, if any)
+            if action == RESTART:
+                run.writer.wait()  # committed, not only submitted, before the workers go
             if run.ctx.global_rank == 0:
                 print(f"[raytrainer] {reason}: committed a just-in-time checkpoint {uri}", flush=True)
+        if action == RESTART:  # RayTrainContext asks for it only with checkpointing on
+            raise WorkerTerminated(f"{reason}: checkpoint of step {run.global_step} committed; Ray "
+                                   "restarts the workers from it (max_failures)")
         return
     run.preempted = reason
     run.should_stop = True

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raytrainer.preemption import CHECKPOINT, STOP, StopFlag
+from raytrainer.preemption import CHECKPOINT, RESTART, STOP, WORKER_SIGTERM, StopFlag
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -89,7 +89,7 @@ class RayTrainContext:
             self._report_queue.put((dict(metrics), checkpoint_dir))
 
     def poll_stop(self, global_step: int, epoch_end: bool) -> tuple[str, str] | None:
-        """Ranks agree every log_every_n_steps steps and at epoch ends (one 2-element all-reduce);
+        """Ranks agree every log_every_n_steps steps and at epoch ends (one 3-element all-reduce);
         rank 0 also decides, by the clock, when everyone asks Ray about node drains (that call is
         a barrier through Ray's controller, too costly for every agreement point)."""
         if not (epoch_end or global_step % self._stop_every == 0):
@@ -97,10 +97,18 @@ class RayTrainContext:
         now = time.monotonic()
         ask_ray = (self._drain_watch and not self._drain_checkpointed and self.global_rank == 0
                    and now - self._last_drain_check >= self._drain_poll_s)
-        flags = torch.tensor([float(self.stop_flag.reason is not None), float(ask_ray)])
-        stop, ask_ray = (self.all_reduce(flags, "max") > 0).tolist()
+        # [driver stop, ask Ray about drains, 1 + rank of a worker that got SIGTERM]
+        flags = torch.tensor([float(self.stop_flag.reason is not None), float(ask_ray),
+                              float(self.global_rank + 1 if WORKER_SIGTERM.reason is not None else 0)])
+        stop, ask_ray, terminated = self.all_reduce(flags, "max").tolist()
         if stop:
             return STOP, self.broadcast_object(self.stop_flag.reason)
+        if terminated:
+            # Restarts left and a checkpoint to restart from: commit, end, let Ray restart the
+            # group. Otherwise stop as for the driver's SIGTERM (fit raises Preempted).
+            if self._cfg.max_failures != 0 and self._cfg.enable_checkpointing:
+                return RESTART, f"SIGTERM to the worker of rank {int(terminated) - 1}"
+            return STOP, "SIGTERM"
         if ask_ray:
             self._last_drain_check = now
             import ray.train

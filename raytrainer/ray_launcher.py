@@ -28,7 +28,7 @@ from raytrainer.config import ConfigError
 from raytrainer.data import RayDataLoader, RayDatasetIterable, resolve_loaders
 from raytrainer.execute import execute
 from raytrainer.launch import print_resolved
-from raytrainer.preemption import StopFlag, stop_on_signals
+from raytrainer.preemption import WORKER_TRAINING, StopFlag, stop_on_signals
 
 # Imported in a Jupyter kernel without ipywidgets, Ray warns (tqdm.auto, through Ray's tqdm_ray)
 # and logs three times (ray.widgets.util, at INFO) that ipywidgets is missing: it wants it for
@@ -77,6 +77,10 @@ class _Mailbox:
 
     def get(self, key: str) -> Any:
         return self.items.get(key)
+
+    def drop_errors(self) -> None:
+        """A restarted worker group starts clean: the failure that ends the fit is its own."""
+        self.items = {k: v for k, v in self.items.items() if not k.startswith("error/")}
 
     def get_all(self) -> dict[str, Any]:
         return self.items
@@ -156,12 +160,18 @@ def _train_fn(config: dict) -> None:
     ctx = RayTrainContext(job["use_gpu"], job["fit_token"], trainer.cfg,
                           stop_source=mailbox if job["stage"] == "fit" else None,
                           report_queue=job.get("report_queue"))
+    if ctx.global_rank == 0:
+        ray.get(mailbox.drop_errors.remote())
+    if job["stage"] == "fit":
+        WORKER_TRAINING.set()  # a SIGTERM now commits a checkpoint first (preemption.py)
     try:
         out = execute(trainer, job["stage"], module, job["datamodule"], _materialize(job["loaders"]),
                       job["ckpt_path"], ctx)
     except BaseException as e:
         ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", _pack_error(e, ctx.global_rank)))
         raise
+    finally:
+        WORKER_TRAINING.clear()
     # Gathering the full weights is a collective under FSDP: every rank takes part.
     weights = trainer._run.strategy.model_state_dict() if job["stage"] == "fit" else None
     if ctx.global_rank == 0:
@@ -260,7 +270,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                           controller_failure_limit=3),
                              worker_runtime_env=worker_env,
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             callbacks=[_worker_sigterm_callback()] if stage == "fit" else None),
         datasets=datasets or None,
         dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n.startswith("train")]) if datasets else None,
     )
@@ -290,6 +301,22 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
             cb.load_state_dict(out["callbacks"][cb.state_key])
     trainer._last_out = out
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _worker_sigterm_callback():
+    """A Ray Train worker-group callback: on every (re)started group, each worker actor's main
+    thread (where signal handlers live; training runs in another thread) installs the handler
+    that turns a SIGTERM into a committed checkpoint (preemption.py)."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    from raytrainer.preemption import install_worker_sigterm_handler
+
+    class WorkerSigterm(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            worker_group.execute(install_worker_sigterm_handler)
+
+    return WorkerSigterm()
 
 
 @functools.lru_cache(maxsize=None)

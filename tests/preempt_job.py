@@ -2,10 +2,13 @@
 SIGTERM, and ``ckpt_path="last"`` picks up where the signal stopped it.
 
     python preempt_job.py STORAGE NAME MAX_STEPS PROGRESS_FILE WEIGHTS_OUT [launcher] [devices]
+                          [max_failures]
 
-Writes the global step to PROGRESS_FILE after every step (so the test knows when to signal) and
-the final weights to WEIGHTS_OUT.
+Writes the global step to PROGRESS_FILE after every step (so the test knows when to signal),
+the process id of every rank-1 worker to PROGRESS_FILE.rank1 (so a test can SIGTERM a worker),
+and the final weights to WEIGHTS_OUT.
 """
+import os
 import sys
 import time
 
@@ -53,6 +56,11 @@ class Progress(rt.Callback):
     def __init__(self, path, delay):
         self.path, self.delay = path, delay
 
+    def on_train_start(self, trainer, module):
+        if trainer.global_rank == 1:
+            with open(self.path + ".rank1", "a") as f:
+                f.write(f"{os.getpid()}\n")
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
@@ -64,11 +72,12 @@ def main():
     storage, name, max_steps, progress, weights_out = sys.argv[1:6]
     launcher = sys.argv[6] if len(sys.argv) > 6 else "local"
     devices = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+    max_failures = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     torch.manual_seed(0)
     model = Net()
     trainer = rt.Trainer(max_steps=int(max_steps), seed=3, launcher=launcher, devices=devices,
                          accelerator="cpu", storage_path=storage, name=name, logger=False,
-                         enable_progress_bar=False, log_every_n_steps=2,
+                         enable_progress_bar=False, log_every_n_steps=2, max_failures=max_failures,
                          callbacks=[Progress(progress, 0.05)])
     trainer.fit(model, DataLoader(NoisyData(), batch_size=8, shuffle=True), ckpt_path="last")
     torch.save(model.state_dict(), weights_out)
