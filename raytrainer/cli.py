@@ -16,7 +16,9 @@ yaml.safe_load (numbers, booleans, lists, mappings); a string in scientific nota
 Every check runs before any model is trained or Ray is started, and each error names the key and
 where it was set (``run.yaml: trainer.max_epochs: ...`` or ``command line (--trainer.max_epochs)``).
 ``fit`` and ``sweep`` save the resolved config as ``{storage_path}/{name}/config.yaml`` next to the
-run's checkpoints, never with ``storage_options`` or other secret-looking keys.
+run's checkpoints, never with ``storage_options``; credentials (secret-looking keys such as
+``api_key``, values of secret-looking environment variables) are written as ``<redacted>``, and a
+config holding ``<redacted>`` is refused, naming the key (raytrainer/redaction.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Any
 import yaml
 
 import raytrainer as rt
-from raytrainer import storage
+from raytrainer import redaction, storage
 from raytrainer.cli_yaml import CLASS_KEYS, TOP_LEVEL, CLIError, Origins, load_config
 
 COMMANDS = {"fit": "train a model (resume with ckpt_path: last)", "validate": "run the validation loop once",
@@ -43,8 +45,6 @@ SHORT_NAMES = {"callbacks": "raytrainer.callbacks", "logger": "raytrainer.logger
                "scheduler": "ray.tune.schedulers", "search_alg": "ray.tune.search"}
 _SCI = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_SECRET = re.compile(r"(^|_)(secret|password|passwd|credentials?|access_key(_id)?|api_key|"
-                     r"(auth|access|api|session)_token)$", re.I)
 
 
 # ----------------------------------------------------------------------- command line
@@ -263,6 +263,7 @@ def _section_class(config: dict, key: str, origins: Origins, base: type) -> tupl
 
 def prepare(command: str, config: dict, origins: Origins) -> Plan:
     """Validate the whole config (coercing values in place) and build the Trainer."""
+    refuse_redacted(config, origins)
     for key in config:
         if key not in TOP_LEVEL:
             raise origins.error((key,), f"unknown top-level key {key!r}; valid keys: {', '.join(TOP_LEVEL)}")
@@ -313,17 +314,32 @@ def run_sweep(kwargs: dict):
 
 # ----------------------------------------------------------------------- output
 
-def _without_secrets(value: Any) -> Any:
+def _without_storage_options(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_secrets(v) for k, v in value.items()
-                if k != "storage_options" and not (isinstance(k, str) and _SECRET.search(k))}
-    return [_without_secrets(v) for v in value] if isinstance(value, list) else value
+        return {k: _without_storage_options(v) for k, v in value.items() if k != "storage_options"}
+    return [_without_storage_options(v) for v in value] if isinstance(value, list) else value
+
+
+def _without_secrets(value: Any) -> Any:
+    """No fsspec options (credentials, endpoints) at all; other credentials as "<redacted>"."""
+    return redaction.redact(_without_storage_options(value))
 
 
 def dump_config(config: dict) -> str:
-    """The resolved config as YAML, without storage_options or secret-looking keys."""
-    return ("# resolved by raytrainer; fsspec options and secret-looking keys are left out\n"
+    """The resolved config as YAML, without storage_options, credentials as ``<redacted>``."""
+    return (f"# resolved by raytrainer; fsspec options are left out, credentials are {redaction.MARKER}\n"
             + yaml.safe_dump(_without_secrets(config), sort_keys=False, default_flow_style=False))
+
+
+def refuse_redacted(config: dict, origins: Origins) -> None:
+    """A config saved by raytrainer holds ``<redacted>`` where a credential was: never pass the
+    marker on to a class as if it were the value."""
+    found = redaction.find_markers(config)
+    if found:
+        also = "".join(f" (so is {'.'.join(map(str, p))})" for p in found[1:])
+        raise origins.error(found[0], f"is {redaction.MARKER!r}{also}: raytrainer writes credentials that way in "
+                                      "the configs it saves. Read the secret from the environment (os.environ) in "
+                                      "the class that needs it, or set the value in a config file you keep private")
 
 
 def save_config(config: dict, trainer) -> str:

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 from raytrainer import checkpoint as ckpt_io
+from raytrainer import redaction
 from raytrainer import storage
 from raytrainer.data import TrainData, resolve_loaders, shard_eval_loader
 from raytrainer.evaluation import run_evaluation
@@ -96,7 +97,7 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
         run.restore(ckpt_io.load(resume_uri, cfg.storage_options), weights_only_stage=stage != "fit")
     if stage == "fit":
         for lg in run.loggers:
-            lg.log_hyperparams(dict(module.hparams))
+            lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
         train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0)
         with profiling(run, train) as profile:  # Trainer(profiler=...); with None nothing is wrapped
             fit_loop(run, train, val_loaders)

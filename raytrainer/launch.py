@@ -2,6 +2,7 @@
 workers (raytrainer/ray_launcher.py). Both print the resolved configuration first."""
 from __future__ import annotations
 
+from raytrainer import redaction
 from raytrainer.context import LocalContext, resolve_device
 from raytrainer.execute import execute
 from raytrainer.precision import check_precision_supported
@@ -16,6 +17,10 @@ def launch(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path) ->
         checkpoint.require_committed(storage.normalize(str(ckpt_path)), cfg.storage_options)
     if stage == "fit" and (cfg.enable_checkpointing or trainer._loggers):
         probe_storage(cfg)
+    if stage == "fit":
+        # Here, with the caller's environment: a Ray worker's may lack the variable a secret
+        # hparam came from, so the paths found here travel with the module (see redaction.py).
+        redaction.mark_secret_hparams(module)
     if cfg.launcher == "local":
         device = resolve_device(cfg.accelerator)
         check_precision_supported(cfg.precision, device.type)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from raytrainer import checkpoint as ckpt_io
+from raytrainer import redaction
 from raytrainer.callbacks.base import Callback
 from raytrainer.checkpoint_writer import CheckpointWriter
 from raytrainer.evaluation import run_evaluation
@@ -224,7 +225,7 @@ class Run:
             "metrics": self.metrics.state_dict(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
             "loggers": [lg.state_dict() for lg in self.loggers],
-            "hyper_parameters": ckpt_io.plain_hparams(self.module.hparams),
+            "hyper_parameters": ckpt_io.plain_hparams(redaction.module_hparams(self.module)),  # no credentials
             "datamodule": self.datamodule.state_dict() if self.datamodule is not None else {},
         }
         self.call("on_save_checkpoint", state)

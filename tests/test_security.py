@@ -8,8 +8,10 @@ The other security checks live next to the code they test:
 - the bucket of an S3 run holds no credentials (env and ``storage_options``), with a control that
   catches a planted leak: tests/test_s3_storage.py::test_bucket_holds_no_credentials,
   ::test_storage_options_credentials_are_not_written, ::test_secret_scan_detects_a_leak
-- ``--print_config`` leaves ``storage_options`` and secret-looking keys out:
-  tests/test_cli.py::test_print_config_round_trips_and_writes_nothing
+- ``--print_config`` leaves ``storage_options`` out: tests/test_cli.py::
+  test_print_config_round_trips_and_writes_nothing; secret-looking values are ``<redacted>`` in it
+  and in the W&B config and MLflow params: below and tests/test_wandb_mlflow.py::
+  test_wandb_config_holds_no_secret, ::test_mlflow_params_hold_no_secret
 - the Ray dashboard (which also serves the job-submission API) listens on 127.0.0.1 only and the
   KubeRay dashboards are ClusterIP without ingress: tests/test_cluster_files.py::
   test_dashboard_never_listens_on_all_interfaces, ::test_kuberay_dashboards_are_cluster_internal
@@ -28,6 +30,7 @@ import yaml
 import raytrainer as rt
 from raytrainer import checkpoint as ckpt_io
 from raytrainer import cli
+from raytrainer.redaction import MARKER
 
 from cli_models import TinyRegressor
 
@@ -131,16 +134,201 @@ def test_no_credentials_in_files_configs_hparams_checkpoints_or_output(run_stora
     assert not [s for s in secrets if s in flat]
 
 
-def test_the_secret_scan_finds_a_planted_secret(tmp_path, monkeypatch):
-    """Control for the scan above: the same fit with a secret passed as a hyperparameter is caught."""
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRETS["AWS_SECRET_ACCESS_KEY"])
+LITERAL_KEY = "sk-literal-0d9c41"  # in no environment variable: caught by its hparam's name alone
+
+
+class SecretRegressor(TinyRegressor):
+    """A user mistake: credentials as hyperparameters, one read from the environment (under an
+    innocent name), one under a secret-looking name; plus a canary that must be written."""
+
+    def __init__(self, note: str = "", api_key: str = "", canary: str = CANARY, lr: float = 0.1):
+        super().__init__(lr=lr)
+        self.save_hyperparameters()
+
+
+def _fit_with_secret_hparams(tmp_path):
     from cli_models import TinyData
 
     trainer = rt.Trainer(launcher="local", accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                         storage_path=str(tmp_path / "runs"), name="leaky")
-    trainer.fit(CanaryRegressor(note=os.environ["AWS_SECRET_ACCESS_KEY"]), datamodule=TinyData(n=8))
-    leaked = _leaks(_files_under(tmp_path / "runs"), [ENV_SECRETS["AWS_SECRET_ACCESS_KEY"]])
-    assert leaked and any(n.endswith("state.pt") for n in leaked[ENV_SECRETS["AWS_SECRET_ACCESS_KEY"]])
+                         log_every_n_steps=1, storage_path=str(tmp_path / "runs"), name="leaky")
+    model = SecretRegressor(note=os.environ["AWS_SECRET_ACCESS_KEY"], api_key=LITERAL_KEY)
+    result = trainer.fit(model, datamodule=TinyData(n=8))
+    files = _files_under(tmp_path / "runs")
+    names = {name.rsplit("/", 1)[-1].split(".")[0] for name in files}
+    assert {"state", "hparams", "events", "metrics"} <= names
+    return model, result, files
+
+
+def _written_by_every_writer(found: list[str]) -> None:
+    for where in ("tensorboard/hparams.yaml", "csv/hparams.yaml", "state.pt"):
+        assert any(n.endswith(where) for n in found), (where, found)
+    assert any("tfevents" in n for n in found), found
+
+
+def test_a_secret_hyperparameter_is_redacted_everywhere_the_run_writes(tmp_path, monkeypatch, capfd):
+    """Secrets passed as hparams reach no file the run wrote (checkpoint, both hparams.yaml, event
+    files, metrics.csv) nor stdout/stderr: each key is kept with "<redacted>", one warning names
+    the keys (never the values) and the fix. The canary hparam is found in every one of those
+    files, so the scan reads where a leak would land."""
+    secret = ENV_SECRETS["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with pytest.warns(UserWarning, match="look like credentials") as record:
+        model, result, files = _fit_with_secret_hparams(tmp_path)
+    printed = capfd.readouterr()
+
+    assert _leaks(files, [secret, LITERAL_KEY]) == {}
+    assert _leaks({"stdout": printed.out.encode(), "stderr": printed.err.encode()}, [secret, LITERAL_KEY]) == {}
+    _written_by_every_writer(_leaks(files, [CANARY])[CANARY])
+
+    expected = {"note": MARKER, "api_key": MARKER, "canary": CANARY, "lr": 0.1, "hidden": 4, "seed": 0}
+    for name in ("leaky/tensorboard/hparams.yaml", "leaky/csv/hparams.yaml"):
+        assert yaml.safe_load(files[name]) == expected
+    assert rt.load_checkpoint(result.last_checkpoint)["hyper_parameters"] == expected
+    assert (model.hparams.note, model.hparams.api_key) == (secret, LITERAL_KEY)  # the module keeps its own
+
+    [warning] = [w for w in record if "look like credentials" in str(w.message)]
+    message = str(warning.message)
+    assert "'note'" in message and "'api_key'" in message and "'canary'" not in message
+    assert "environment" in message and "save_hyperparameters(ignore=[...])" in message
+    assert secret not in message and LITERAL_KEY not in message
+
+
+def test_the_secret_scan_finds_a_planted_secret(tmp_path, monkeypatch):
+    """Control for the scans above: with redaction switched off, the same fit leaks both secrets
+    into the checkpoint, both hparams.yaml and the event file, and the scan says so."""
+    from raytrainer import redaction
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRETS["AWS_SECRET_ACCESS_KEY"])
+    monkeypatch.setattr(redaction, "redact_with_paths", lambda value, also=(), environ=None: (value, []))
+    _, _, files = _fit_with_secret_hparams(tmp_path)
+    leaked = _leaks(files, [ENV_SECRETS["AWS_SECRET_ACCESS_KEY"], LITERAL_KEY])
+    assert set(leaked) == {ENV_SECRETS["AWS_SECRET_ACCESS_KEY"], LITERAL_KEY}
+    for found in leaked.values():
+        _written_by_every_writer(found)
+
+
+def test_secret_hparams_found_by_the_launcher_stay_redacted_without_its_environment(monkeypatch):
+    """A Ray worker may not have the driver's environment: the paths found where fit() was called
+    travel with the (pickled) module, so the worker redacts them too."""
+    import pickle
+
+    from raytrainer import redaction
+
+    secret = ENV_SECRETS["WANDB_API_KEY"]
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    model = SecretRegressor(note=secret)
+    with pytest.warns(UserWarning, match=r"SecretRegressor hyperparameter\(s\) 'note' look like"):
+        assert redaction.mark_secret_hparams(model) == [("note",)]
+    monkeypatch.delenv("WANDB_API_KEY")
+    worker_copy = pickle.loads(pickle.dumps(model))
+    assert redaction.module_hparams(worker_copy)["note"] == MARKER
+    assert worker_copy.hparams.note == secret
+
+
+def test_cli_config_keeps_secret_keys_as_the_marker_and_refuses_it_back(tmp_path, monkeypatch, capsys):
+    """config.yaml / --print_config show a secret init arg as "<redacted>" (the key stays); fed
+    back, the marker is refused, naming the key and where it came from, before anything runs."""
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET-token-2b7f")
+    config = {"model": {"class_path": "test_security.SecretRegressor",
+                        "init_args": {"note": "hf_SECRET-token-2b7f", "api_key": LITERAL_KEY}},
+              "trainer": {"launcher": "local", "storage_path": str(tmp_path / "runs")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["fit", "--config", str(path), "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_SECRET" not in out and LITERAL_KEY not in out
+    printed = yaml.safe_load(out)
+    assert printed["model"]["init_args"] == {"note": MARKER, "api_key": MARKER}
+    again = tmp_path / "printed.yaml"
+    again.write_text(out)
+    assert cli.main(["fit", "--config", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raytrainer: error: {again}: model.init_args.api_key: is '<redacted>' "
+                          "(so is model.init_args.note): raytrainer writes credentials that way")
+    assert "environment" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- what counts as a secret
+
+SECRET_KEYS = ["password", "db_password", "PASSWD", "passphrase", "secret", "client_secret", "secrets",
+               "api_key", "apiKey", "APIKEY", "x-api-key", "openai_api_key", "aws_secret_access_key",
+               "AWS_ACCESS_KEY_ID", "secret_key", "private_key", "credentials", "credential", "auth",
+               "authorization", "token", "hf_token", "auth_token", "access_token", "session_token",
+               "bot_token", "refresh_token", "cookie", "model.init_args.api_key", "opt/password"]
+# Near misses: one character or one word away, and ordinary ML hyperparameters.
+NOT_SECRET_KEYS = ["max_tokens", "num_tokens", "tokens", "tokenizer", "tokenizer_name", "token_budget",
+                   "pad_token", "eos_token", "bos_token", "unk_token", "mask_token", "pad_token_id",
+                   "max_token", "key", "sort_key", "keyboard", "monkey", "author", "authority", "passes",
+                   "password_length", "api_key_env", "secretary", "credentials_file", "access_key_rotation",
+                   "lr", "tokens_per_batch", "model.init_args.tokenizer", "PATH", "PWD", "SSH_AUTH_SOCK",
+                   "AWS_SHARED_CREDENTIALS_FILE"]
+
+
+@pytest.mark.parametrize("name", SECRET_KEYS)
+def test_secret_looking_keys(name):
+    from raytrainer.redaction import is_secret_key
+    assert is_secret_key(name)
+
+
+@pytest.mark.parametrize("name", NOT_SECRET_KEYS)
+def test_near_misses_are_not_secret_keys(name):
+    from raytrainer.redaction import is_secret_key
+    assert not is_secret_key(name)
+
+
+def test_secret_environment_variable_names_and_values():
+    """Env names are read more widely (FOO_KEY, FOO_PAT); values shorter than 8 characters are
+    ignored, so ``AWS_PROFILE=dev``-sized values never redact ordinary hparams."""
+    from raytrainer.redaction import is_secret_env_name, secret_values
+
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SESSION_TOKEN", "DB_PASSWORD", "STRIPE_KEY", "GH_PAT"):
+        assert is_secret_env_name(name), name
+    for name in ("PATH", "HOME", "PWD", "SSH_AUTH_SOCK", "TOKENIZERS_PARALLELISM", "AWS_DEFAULT_REGION"):
+        assert not is_secret_env_name(name), name
+    env = {"HF_TOKEN": "hf_0123456789", "DB_PASSWORD": "short", "HOME": "/home/someone-long",
+           "STRIPE_KEY": "sk_live_abcdef"}
+    assert secret_values(env) == ["sk_live_abcdef", "hf_0123456789"]
+
+
+def test_redact_nested_values_keeps_keys_and_structure():
+    from raytrainer.redaction import redact, redact_with_paths
+
+    env = {"HF_TOKEN": "hf_0123456789", "DB_PASSWORD": "short", "HOME": "/home/someone-long"}
+    params = {"lr": 0.1, "use_auth": True, "password": None, "token": "", "home": "/home/someone-long",
+              "db": {"password": "short", "host": "db.local", "port": 5432},
+              "hub": {"repo": "me/model", "url": "https://user:hf_0123456789@hf.co/me"},
+              "tries": [1, "hf_0123456789", ("keep", {"api_key": 42})], "tup": ("a", "b"),
+              "credentials": {"user": "me", "key": "k"}, "tokenizer": "bert-base", "max_tokens": 512}
+    before = repr(params)
+    out, paths = redact_with_paths(params, environ=env)
+    assert out == {"lr": 0.1, "use_auth": True, "password": None, "token": "", "home": "/home/someone-long",
+                   "db": {"password": MARKER, "host": "db.local", "port": 5432},
+                   "hub": {"repo": "me/model", "url": MARKER},
+                   "tries": [1, MARKER, ("keep", {"api_key": MARKER})], "tup": ("a", "b"),
+                   "credentials": MARKER, "tokenizer": "bert-base", "max_tokens": 512}
+    assert paths == [("db", "password"), ("hub", "url"), ("tries", 1), ("tries", 2, 1, "api_key"),
+                     ("credentials",)]
+    assert repr(params) == before  # a copy: the caller's values are untouched
+    assert redact(out, environ=env) == out  # idempotent: the marker is not reported again
+    assert redact_with_paths(out, environ=env)[1] == []
+    # paths given by the caller are redacted whatever the environment
+    assert redact({"note": "x", "n": [1, 2]}, also=[("note",), ("n", 1)], environ={}) == {"note": MARKER, "n": [1, MARKER]}
+
+
+def test_an_object_hparam_is_redacted_by_the_text_it_would_be_written_as():
+    """Checkpoints store repr() and loggers str() of other objects: a dataclass holding a token."""
+    import dataclasses
+
+    from raytrainer.redaction import redact
+
+    @dataclasses.dataclass
+    class Hub:
+        repo: str
+        token: str
+
+    assert redact({"hub": Hub("me/model", "hf_0123456789"), "n": 3}, environ={"HF_TOKEN": "hf_0123456789"}) \
+        == {"hub": MARKER, "n": 3}
 
 
 # ---------------------------------------------------------------- YAML: safe loading only

@@ -292,6 +292,56 @@ def test_mlflow_remote_run_dir_needs_a_tracking_uri(clean_env, mlflow_local):
         logger.log_metrics({"a": 1.0}, step=1)
 
 
+# ---------------------------------------------------------------- no credentials (issue #8)
+
+ENV_SECRET, LITERAL_SECRET = "hf_SECRET-env-3e1a", "SECRET-literal-8c2d"
+SECRET_HPARAMS = {"lr": 0.1, "note": ENV_SECRET, "hub": {"repo": "me/m", "token": LITERAL_SECRET}}
+
+
+def _files_holding(root, needles) -> list[str]:
+    hits = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                data = f.read()
+            hits += [name for n in needles if n.encode() in data or n.encode("utf-16-le") in data]
+    return hits
+
+
+def test_wandb_config_holds_no_secret(tmp_path, wandb_offline, clean_env):
+    """Secret hparams (by env value and by key) and a secret in config.yaml reach W&B's config as
+    "<redacted>", keys kept; no file W&B wrote holds them. The canary lr does reach it."""
+    clean_env["HF_TOKEN"] = ENV_SECRET
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"password": LITERAL_SECRET}}}))
+    logger = WandbLogger(project="p")
+    logger.setup(str(run_dir))
+    logger.log_hyperparams(SECRET_HPARAMS)
+    logger.finalize("success")
+
+    [run] = _offline_runs(run_dir)
+    assert run["config"]["note"] == "<redacted>" and run["config"]["lr"] == 0.1
+    assert run["config"]["hub"] == {"repo": "me/m", "token": "<redacted>"}
+    assert run["config"]["resolved_config"] == {"model": {"init_args": {"password": "<redacted>"}}}
+    assert _files_holding(run_dir / "wandb", [ENV_SECRET, LITERAL_SECRET]) == []
+    assert _files_holding(run_dir / "wandb", ["me/m"])  # control: the scan reads W&B's files
+
+
+def test_mlflow_params_hold_no_secret(tmp_path, mlflow_local, clean_env):
+    from mlflow.tracking import MlflowClient
+
+    clean_env["HF_TOKEN"] = ENV_SECRET
+    logger = MLflowLogger()
+    logger.setup(str(tmp_path / "run"))
+    logger.log_hyperparams(SECRET_HPARAMS)
+    logger.finalize("success")
+    run = MlflowClient(f"sqlite:///{tmp_path}/run/mlflow.db").get_run(logger.run_id)
+    assert run.data.params == {"lr": "0.1", "note": "<redacted>", "hub/repo": "me/m", "hub/token": "<redacted>"}
+    assert _files_holding(tmp_path / "run", [ENV_SECRET, LITERAL_SECRET]) == []
+    assert _files_holding(tmp_path / "run", ["me/m"])  # control: the scan reads MLflow's store
+
+
 # ---------------------------------------------------------------- missing packages
 
 @pytest.mark.parametrize("make,modules,extra", [

@@ -1,10 +1,18 @@
-"""Hyperparameter helpers shared by the loggers: flattening, sanitising, ``hparams.yaml``."""
+"""Hyperparameter helpers shared by the loggers: redacting, flattening, sanitising, ``hparams.yaml``."""
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping
 
+from raytrainer import redaction
+
 _SCALARS = (bool, int, float, str)
+
+
+def redacted(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with credentials replaced by ``"<redacted>"`` (see raytrainer/redaction.py):
+    the first thing every ``log_hyperparams`` does, so a direct call is covered too."""
+    return redaction.redact(dict(params))
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,6 +50,6 @@ def write_hparams_yaml(local_dir: str, params: Mapping[str, Any]) -> str:
     path = os.path.join(local_dir, "hparams.yaml")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        yaml.safe_dump(sanitize(params), f, sort_keys=False)
+        yaml.safe_dump(redacted(sanitize(params)), f, sort_keys=False)
     os.replace(tmp, path)
     return path

@@ -126,7 +126,7 @@ class CSVLogger(Logger):
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         self._bind()
-        _hparams.write_hparams_yaml(self._local_dir, params)
+        _hparams.write_hparams_yaml(self._local_dir, _hparams.redacted(params))
 
     def _flush(self) -> None:
         self._calls = 0

@@ -161,7 +161,8 @@ class MLflowLogger(Logger):
         from mlflow.entities import Param
 
         client = self.experiment
-        flat = {_key(k): str(v)[:MAX_PARAM_VALUE] for k, v in _hparams.flatten(params).items()}
+        flat = _hparams.flatten(_hparams.redacted(params))
+        flat = {_key(k): str(v)[:MAX_PARAM_VALUE] for k, v in flat.items()}
         existing = client.get_run(self._run_id).data.params
         changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
         if changed:  # MLflow would reject the whole batch: log what is new, name what is not

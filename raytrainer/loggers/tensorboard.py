@@ -99,6 +99,7 @@ class TensorBoardLogger(Logger):
         """
         from tensorboardX.summary import hparams
 
+        params = _hparams.redacted(params)
         flat = {k: _hparams.scalar_or_str(v) for k, v in _hparams.flatten(params).items()}
         writer = self.experiment
         # Into the run's own event file (not add_hparams, which opens a sub-folder per call), so

@@ -142,7 +142,8 @@ class WandbLogger(Logger):
         except (OSError, yaml.YAMLError) as e:  # an unreadable config never stops training
             print(f"[raytrainer] WandbLogger: could not read the resolved config: {e}", flush=True)
             return None
-        return loaded if isinstance(loaded, dict) else None
+        # Written by the CLI without secrets; redacted again in case the file was edited by hand.
+        return _hparams.redacted(loaded) if isinstance(loaded, dict) else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         # No step= (see the class docstring): trainer/global_step is the x-axis.
@@ -150,7 +151,7 @@ class WandbLogger(Logger):
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         # allow_val_change: a resumed run logs its hparams again (and the user may change one).
-        self.experiment.config.update(_hparams.sanitize(dict(params)), allow_val_change=True)
+        self.experiment.config.update(_hparams.redacted(_hparams.sanitize(dict(params))), allow_val_change=True)
 
     def finalize(self, status: str) -> None:
         if self._run is None:
