@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import zlib
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -87,18 +88,30 @@ class RayDataLoader:
 
 class RayDatasetIterable:
     """A RayDataLoader iterated in this process (launcher="local", sweep trials): each pass over
-    it is one epoch of ``iter_torch_batches`` over the whole dataset."""
+    it is one epoch of ``iter_torch_batches`` over the whole dataset, in a fixed order (shuffled
+    by a seed of the run and the epoch), so a mid-epoch resume replays exactly."""
+
+    exact_replay = True
 
     def __init__(self, loader: RayDataLoader):
         self.loader = loader
+        self.seed, self.epoch = 0, 0  # set by TrainData
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
+        from ray.data import Dataset
         o = self.loader
-        dataset = o.dataset.random_shuffle() if o.shuffle else o.dataset
+        epoch_seed = zlib.crc32(f"{self.seed}/{self.epoch}".encode())
+        dataset = o.dataset.random_shuffle(seed=epoch_seed) if o.shuffle else o.dataset
+        dataset = Dataset.copy(dataset, _deep_copy=True)
+        dataset.context.execution_options.preserve_order = True
         return iter(dataset.iter_torch_batches(
             batch_size=o.batch_size, prefetch_batches=o.prefetch_batches,
-            local_shuffle_buffer_size=o.local_shuffle_buffer_size, drop_last=o.drop_last,
-            collate_fn=o.collate_fn, dtypes=o.dtypes))
+            local_shuffle_buffer_size=o.local_shuffle_buffer_size,
+            local_shuffle_seed=epoch_seed if o.local_shuffle_buffer_size else None,
+            drop_last=o.drop_last, collate_fn=o.collate_fn, dtypes=o.dtypes))
 
 
 def resolve_loaders(stage: str, explicit: Any, datamodule: Any, module: Any) -> list | None:
@@ -199,6 +212,10 @@ class TrainData:
             if world_size > 1 and isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
                 warnings.warn("an IterableDataset is not sharded by raytrainer: shard it yourself "
                               "by rank (or use rt.RayDataLoader), or every worker sees all of it")
+            if callable(getattr(loader, "set_epoch", None)):  # a Ray Dataset (or a shard of one)
+                self.sampler_for_epoch = loader
+                if isinstance(loader, RayDatasetIterable):
+                    loader.seed = seed
             return loader
         batch_sampler = loader.batch_sampler
         if world_size > 1:
@@ -253,8 +270,9 @@ class TrainData:
         else:
             it = iter(self.loader)
             if skip_batches:  # not index-addressable (iterable dataset): replay and drop
-                warnings.warn(f"resuming mid-epoch by replaying {skip_batches} batches: the train "
-                              "loader is not a map-style torch DataLoader")
+                if not getattr(self.loader, "exact_replay", False):
+                    warnings.warn(f"resuming mid-epoch by replaying {skip_batches} batches: the train "
+                                  "loader is not a map-style torch DataLoader")
                 it = itertools.islice(it, skip_batches, None)
         if resume_rng is not None:
             restore_rng_state(resume_rng)

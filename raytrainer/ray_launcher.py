@@ -25,10 +25,10 @@ from typing import Any
 
 from raytrainer import storage
 from raytrainer.config import ConfigError
-from raytrainer.data import RayDataLoader, RayDatasetIterable, resolve_loaders
 from raytrainer.execute import execute
 from raytrainer.launch import print_resolved
 from raytrainer.preemption import WORKER_TRAINING, StopFlag, stop_on_signals
+from raytrainer.ray_data import data_config, materialize, split_ray_datasets
 
 # Imported in a Jupyter kernel without ipywidgets, Ray warns (tqdm.auto, through Ray's tqdm_ray)
 # and logs three times (ray.widgets.util, at INFO) that ipywidgets is missing: it wants it for
@@ -86,66 +86,6 @@ class _Mailbox:
         return self.items
 
 
-class _RayShard:
-    """Placeholder for a RayDataLoader whose dataset was handed to Ray Train as ``name``."""
-
-    def __init__(self, name: str, loader: RayDataLoader):
-        self.name = name
-        self.options = {k: v for k, v in vars(loader).items() if k not in ("dataset", "shuffle")}
-
-
-class RayShardLoader:
-    """This worker's shard of a Ray Dataset; iterating it gives one epoch of dict batches."""
-
-    def __init__(self, shard_name: str, options: dict):
-        self.shard = ray.train.get_dataset_shard(shard_name)
-        self.options = options
-
-    def __iter__(self):
-        o = self.options
-        return iter(self.shard.iter_torch_batches(
-            batch_size=o["batch_size"], prefetch_batches=o["prefetch_batches"],
-            local_shuffle_buffer_size=o["local_shuffle_buffer_size"], drop_last=o["drop_last"],
-            collate_fn=o["collate_fn"], dtypes=o["dtypes"]))
-
-
-def _split_ray_datasets(stage: str, trainer, module, datamodule, loaders: dict) -> tuple[dict, dict]:
-    """Move Ray Datasets out of the job (they go to Ray Train, which shards them) and leave
-    placeholders the workers turn back into loaders."""
-    datasets, out = {}, dict(loaders)
-    kinds = ["train", "val"] if stage == "fit" else [k for k in loaders]
-    for kind in kinds:
-        given = loaders.get(kind)
-        if given is None and datamodule is not None and _datamodule_may_return_ray(datamodule, kind):
-            # The datamodule builds its Ray Datasets here on the driver (Ray Train must own them).
-            given = resolve_loaders(kind, None, datamodule, None)
-        items = given if isinstance(given, (list, tuple)) else ([given] if given is not None else [])
-        items = [x.loader if isinstance(x, RayDatasetIterable) else x for x in items]
-        if not any(isinstance(x, RayDataLoader) for x in items):
-            continue
-        placeholders = []
-        for i, item in enumerate(items):
-            if isinstance(item, RayDataLoader):
-                name = kind if i == 0 else f"{kind}_{i}"
-                ds = item.dataset.random_shuffle() if item.shuffle and kind == "train" else item.dataset
-                datasets[name] = ds
-                placeholders.append(_RayShard(name, item))
-            else:
-                placeholders.append(item)
-        out[kind] = placeholders
-    return datasets, out
-
-
-def _datamodule_may_return_ray(datamodule, kind: str) -> bool:
-    return bool(getattr(datamodule, "ray_datasets", False)) and callable(getattr(datamodule, f"{kind}_dataloader", None))
-
-
-def _materialize(loaders: dict) -> dict:
-    def one(x):
-        return RayShardLoader(x.name, x.options) if isinstance(x, _RayShard) else x
-    return {k: ([one(x) for x in v] if isinstance(v, list) else one(v)) for k, v in loaders.items()}
-
-
 def _train_fn(config: dict) -> None:
     """Runs in every Ray Train worker."""
     from ray.train.v2._internal.execution import context as ray_train_context
@@ -165,7 +105,7 @@ def _train_fn(config: dict) -> None:
     if job["stage"] == "fit":
         WORKER_TRAINING.set()  # a SIGTERM now commits a checkpoint first (preemption.py)
     try:
-        out = execute(trainer, job["stage"], module, job["datamodule"], _materialize(job["loaders"]),
+        out = execute(trainer, job["stage"], module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
                       job["ckpt_path"], ctx)
     except BaseException as e:
         ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", _pack_error(e, ctx.global_rank)))
@@ -229,7 +169,7 @@ def _resources(cfg, use_gpu: bool, num_workers: int, has_datasets: bool) -> dict
 def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path, report_queue=None) -> dict:
     """``report_queue``: a ray.util.queue.Queue that rank 0 also puts every report in, as
     ``(metrics, checkpoint_uri)`` (a multi-worker sweep trial forwards them to Tune)."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
 
@@ -243,7 +183,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
     num_workers = cfg.devices if cfg.devices != "auto" else (gpus if use_gpu else 1)
     if stage == "predict":
         num_workers = 1  # predictions come back in order from one worker
-    datasets, loaders = _split_ray_datasets(stage, trainer, module, datamodule, loaders)
+    datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders)
     per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
     print_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "
                                    f"resources_per_worker={per_worker} ray_poll_s="
@@ -273,7 +213,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
                              logging_config=LoggingConfig(log_level="WARNING"),
                              callbacks=[_worker_sigterm_callback()] if stage == "fit" else None),
         datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n.startswith("train")]) if datasets else None,
+        dataset_config=data_config(datasets, cfg, fit_token, ckpt_path) if datasets else None,
     )
     def tell_workers(reason: str) -> None:  # from a signal handler: no Ray call in the handler
         threading.Thread(target=lambda: mailbox.put.remote("stop", reason), daemon=True).start()
