@@ -18,7 +18,8 @@ What clusters send and what happens:
   rank commits a checkpoint of that step. With restarts left (``max_failures != 0``) the workers
   then end with :class:`WorkerTerminated`, Ray restarts the group, and it resumes from that
   checkpoint: no step is lost. With ``max_failures=0`` the fit stops as for the driver's SIGTERM
-  (``Preempted``). A second SIGTERM to the worker gets Ray's handler (exit at once).
+  (``Preempted``). A second SIGTERM to the worker gets Ray's handler (exit at once), and so does
+  one to a worker whose driver is gone (Ray's own cleanup of a stopped sweep trial).
 
 With several workers, every rank must stop at the same step (stopping is collective: DDP and the
 checkpoint both are), so ranks agree on a stop only every ``log_every_n_steps`` steps and at epoch
@@ -119,6 +120,15 @@ WORKER_SIGTERM = StopFlag()
 # Set while a fit's training loop runs in this worker process. Outside it (setup, the end of the
 # fit, when Ray itself stops its workers with SIGTERM) a SIGTERM gets Ray's handler at once.
 WORKER_TRAINING = threading.Event()
+# While a fit runs in this worker: whether the process that called fit is still there. Ray also
+# sends SIGTERM to workers whose owner died (a sweep trial that ASHA stopped, a killed driver);
+# those must go at once, not commit a checkpoint nobody will read.
+_driver_alive: Callable[[], bool] = lambda: True
+
+
+def set_driver_probe(probe: Callable[[], bool]) -> None:
+    global _driver_alive
+    _driver_alive = probe
 
 
 def install_worker_sigterm_handler() -> int:
@@ -133,13 +143,20 @@ def install_worker_sigterm_handler() -> int:
             if callable(previous):
                 return previous(signum, frame)
             raise SystemExit(128 + signum)
-        WORKER_SIGTERM.request("SIGTERM")
-        print(f"[raytrainer] worker pid {os.getpid()} got SIGTERM: committing a checkpoint at the "
-              "next agreed step (send it again to exit now)", flush=True)
+        # The answer needs a Ray call, which a signal handler must not make: a thread gives it.
+        threading.Thread(target=_answer_worker_sigterm, daemon=True, name="raytrainer-sigterm").start()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
     return os.getpid()
+
+
+def _answer_worker_sigterm() -> None:
+    if not _driver_alive():
+        os._exit(1)  # orphaned: Ray is tearing this worker down (what its own handler does, at once)
+    WORKER_SIGTERM.request("SIGTERM")
+    print(f"[raytrainer] worker pid {os.getpid()} got SIGTERM: committing a checkpoint at the "
+          "next agreed step (send it again to exit now)", flush=True)
 
 
 def handle_stop_request(run, request: tuple[str, str]) -> None:

@@ -27,7 +27,7 @@ from raytrainer import storage
 from raytrainer.config import ConfigError
 from raytrainer.execute import execute
 from raytrainer.launch import print_resolved
-from raytrainer.preemption import WORKER_TRAINING, StopFlag, stop_on_signals
+from raytrainer.preemption import WORKER_TRAINING, StopFlag, set_driver_probe, stop_on_signals
 from raytrainer.ray_data import data_config, materialize, split_ray_datasets
 
 # Imported in a Jupyter kernel without ipywidgets, Ray warns (tqdm.auto, through Ray's tqdm_ray)
@@ -103,6 +103,7 @@ def _train_fn(config: dict) -> None:
     if ctx.global_rank == 0:
         ray.get(mailbox.drop_errors.remote())
     if job["stage"] == "fit":
+        set_driver_probe(functools.partial(_alive, mailbox))
         WORKER_TRAINING.set()  # a SIGTERM now commits a checkpoint first (preemption.py)
     try:
         out = execute(trainer, job["stage"], module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
@@ -122,6 +123,17 @@ def _train_fn(config: dict) -> None:
         # As opaque bytes: unpickling tensors in the mailbox would make it import torch (~0.8 s
         # at the end of every fit); only the driver unpickles.
         ray.get(mailbox.put.remote("result", pickle.dumps(out)))
+
+
+def _alive(mailbox) -> bool:
+    """Whether the driver's mailbox (which lives as long as the process that called fit) answers."""
+    try:
+        ray.get(mailbox.get.remote("stop"), timeout=5)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return True  # slow, not gone: treat the SIGTERM as meant for this worker
+    except Exception:
+        return False
 
 
 def _pack_error(e: BaseException, rank: int) -> dict:
