@@ -1,10 +1,13 @@
-"""Run by tests/test_multinode.py in its own process: a simulated 3-node Ray cluster
-(ray.cluster_utils.Cluster), 2 DDP workers spread over nodes, the node of rank 1 removed
-mid-run, training resumed on the remaining (spare) node. Prints one JSON line.
+"""Run by tests/test_multinode.py in its own process: a simulated Ray cluster
+(ray.cluster_utils.Cluster: a 0-CPU head and three 1-CPU nodes), 2 DDP workers spread over
+nodes, one uninterrupted reference run, then two scenarios, each printing one JSON line:
 
-    multinode_job.py TMP            the node dies without notice (checkpoints every step)
-    multinode_job.py TMP drain      the node is first drained as preempted (Ray's notice, as a spot
-                                    reclaim gives): a just-in-time checkpoint, then the node goes
+    kill    the node of rank 1 dies without notice mid-run (checkpoints every step); training
+            resumes on the spare node
+    drain   a fresh spare is added; rank 1's node is first drained as preempted (Ray's notice, as a
+            spot reclaim gives): a just-in-time checkpoint, then the node goes
+
+    multinode_job.py TMP
 """
 import json
 import os
@@ -136,39 +139,52 @@ def fit(tmp, name, marker_dir=None, max_failures=0):
 
 
 def main(tmp):
+    global DRAIN
+    # Ray's drain watcher and our check poll fast (default 5 s); the nodes inherit this env.
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(3):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
+        # One reference for both scenarios: checkpoint settings do not change the weights.
         straight, _ = fit(tmp, "straight")
-        marker_dir = os.path.join(tmp, "markers")
-        os.makedirs(marker_dir)
-        stop = threading.Event()
-        if DRAIN:
-            run_dir = os.path.join(tmp, "killed")
-            threading.Thread(target=node_drainer, args=(cluster, marker_dir, run_dir, stop), daemon=True).start()
-        else:
-            threading.Thread(target=node_remover, args=(cluster, marker_dir, stop), daemon=True).start()
-        t0 = time.time()
-        resumed, result = fit(tmp, "killed", marker_dir, max_failures=2)
-        stop.set()
-        nodes, start_steps = {}, {}
-        for name in sorted(os.listdir(marker_dir), key=lambda n: int(n.rsplit("-", 1)[1]) if n.startswith("nodes") else 0):
-            if name.startswith("nodes-"):
-                node, start_step = open(os.path.join(marker_dir, name)).read().split()
-                nodes.setdefault(name.split("-")[1], []).append(node)
-                start_steps.setdefault(name.split("-")[1], []).append(int(start_step))
-        identical = all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
-        print(json.dumps({"identical": identical, "global_step": result.global_step,
-                          "node_removed": os.path.exists(os.path.join(marker_dir, "remove-my-node.done")),
-                          "nodes_by_rank": nodes, "start_steps": start_steps, "jit_checkpoint": _read(os.path.join(marker_dir, "jit-checkpoint")),
-                          "committed": [os.path.basename(u) for u in _committed(os.path.join(tmp, "killed"))], "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]),
-                          "killed_run_s": round(time.time() - t0, 1)}))
+        for scenario in ("kill", "drain"):
+            DRAIN = scenario == "drain"
+            if DRAIN:  # a fresh spare for the node the first scenario removed
+                cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+            print(json.dumps({"scenario": scenario, **run_scenario(cluster, tmp, scenario, straight)}), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def run_scenario(cluster, tmp, scenario, straight) -> dict:
+    marker_dir = os.path.join(tmp, f"markers-{scenario}")
+    os.makedirs(marker_dir)
+    stop = threading.Event()
+    if DRAIN:
+        run_dir = os.path.join(tmp, scenario)
+        threading.Thread(target=node_drainer, args=(cluster, marker_dir, run_dir, stop), daemon=True).start()
+    else:
+        threading.Thread(target=node_remover, args=(cluster, marker_dir, stop), daemon=True).start()
+    t0 = time.time()
+    resumed, result = fit(tmp, scenario, marker_dir, max_failures=2)
+    stop.set()
+    nodes, start_steps = {}, {}
+    for name in sorted(os.listdir(marker_dir), key=lambda n: int(n.rsplit("-", 1)[1]) if n.startswith("nodes") else 0):
+        if name.startswith("nodes-"):
+            node, start_step = open(os.path.join(marker_dir, name)).read().split()
+            nodes.setdefault(name.split("-")[1], []).append(node)
+            start_steps.setdefault(name.split("-")[1], []).append(int(start_step))
+    identical = all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    return {"identical": identical, "global_step": result.global_step,
+            "node_removed": os.path.exists(os.path.join(marker_dir, "remove-my-node.done")),
+            "nodes_by_rank": nodes, "start_steps": start_steps, "jit_checkpoint": _read(os.path.join(marker_dir, "jit-checkpoint")),
+            "committed": [os.path.basename(u) for u in _committed(os.path.join(tmp, scenario))],
+            "alive_nodes": len([n for n in ray.nodes() if n["Alive"]]), "run_s": round(time.time() - t0, 1)}
 
 
 def _read(path):
@@ -181,7 +197,4 @@ def _committed(run_dir):
 
 
 if __name__ == "__main__":
-    DRAIN = len(sys.argv) > 2 and sys.argv[2] == "drain"
-    if DRAIN:  # Ray's watcher and our check poll fast (default 5 s); nodes inherit this env
-        os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     main(sys.argv[1])

@@ -7,17 +7,29 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(660)]
 
 
-def test_node_removed_mid_run_resumes_on_spare_node(tmp_path):
-    # Its own process: a second Ray cluster cannot share this process with the session's Ray.
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """Both scenarios of multinode_job.py, run once in its own process: a second Ray cluster
+    cannot share this process with the session's Ray."""
+    tmp = tmp_path_factory.mktemp("multinode")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "multinode_job.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=400, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = json.loads(lines[-1])
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "multinode_job.py"), str(tmp)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    out = {d["scenario"]: d for d in (json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{"))}
+    return proc, out
+
+
+def _scenario(scenarios, name):
+    proc, out = scenarios
+    assert name in out, f"exit {proc.returncode}\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc, out[name]
+
+
+def test_node_removed_mid_run_resumes_on_spare_node(scenarios):
+    _, out = _scenario(scenarios, "kill")
     assert out["node_removed"]
     assert out["global_step"] == 12
     first_attempt = {rank: nodes[0] for rank, nodes in out["nodes_by_rank"].items()}
@@ -29,16 +41,11 @@ def test_node_removed_mid_run_resumes_on_spare_node(tmp_path):
     assert out["identical"], out
 
 
-def test_node_drained_as_preempted_commits_a_just_in_time_checkpoint_then_resumes(tmp_path):
+def test_node_drained_as_preempted_commits_a_just_in_time_checkpoint_then_resumes(scenarios):
     """Ray's preemption notice (a node drained with reason PREEMPTION, what a spot reclaim gives
     the cluster): the workers commit a checkpoint at once and train on; when the node goes, the
     restarted workers resume from that checkpoint, not from the last epoch end."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "multinode_job.py"),
-                           str(tmp_path), "drain"], capture_output=True, text=True, timeout=400, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = json.loads(lines[-1])
+    proc, out = _scenario(scenarios, "drain")
     assert out["node_removed"] and out["jit_checkpoint"], out
     jit_step = int(out["jit_checkpoint"].rsplit("step=", 1)[1])
     # epoch-end checkpoints only (6 steps per epoch), so a mid-epoch one is the notice's; the
