@@ -57,6 +57,19 @@ def _checkpoint_table(r: dict) -> str:
     return "\n".join(rows) + f"\n\nState {r['state_mb']:.0f} MiB; median blocked time per checkpoint. Goal: {r['goal']}."
 
 
+def _sharded_table(r: dict) -> str:
+    rows = ["| checkpoints | rank 0 writes MiB | rank 1 writes MiB | rank 0 peak RSS added MiB | rank 0 blocked s | "
+            "rank 1 blocked s | resume s |", "|---|---|---|---|---|---|---|"]
+    for mode, x in r["results"].items():
+        r0, r1 = x["ranks"]
+        rows.append(f"| {mode} | {x['written_mb']['0']:.0f} | {x['written_mb']['1']:.0f} | "
+                    f"{r0['peak_rss_added_mb']:.0f} | {r0['blocked_s']:.3f} | {r1['blocked_s']:.3f} | "
+                    f"{max(r0['resume_s'], r1['resume_s']):.3f} |")
+    return "\n".join(rows) + (f"\n\nFSDP2 on 2 gloo ranks, {r['params'] / 1e6:.1f}M parameters + Adam "
+                              f"({r['state_mb']:.0f} MiB of state); async_checkpoint=True; blocked: the faster "
+                              "of two saves; peak RSS added: ru_maxrss after the saves minus before.")
+
+
 def _ingest_table(r: dict) -> str:
     rows = ["| input | rows/s per worker | vs torch DataLoader |", "|---|---|---|"]
     for name, x in r["results"].items():
@@ -90,6 +103,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], Callable[[dict], str]]] = {
     "ray_overhead": ("ray_overhead.py", [], _ray_overhead_table),
     "data_ingest": ("data_ingest.py", [], _ingest_table),
     "checkpoint_blocking": ("checkpoint_blocking.py", [], _checkpoint_table),
+    "sharded_checkpoint": ("sharded_checkpoint.py", [], _sharded_table),
     "resume_cost": ("resume_cost.py", [], _resume_table),
     "sweep_efficiency": ("sweep_efficiency.py", [], _sweep_table),
 }

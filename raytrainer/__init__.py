@@ -14,6 +14,7 @@ from raytrainer.module import Module
 from raytrainer.result import FitResult
 from raytrainer.preemption import Preempted
 from raytrainer.run import NonFiniteLossError
+from raytrainer.strategy import FSDPStrategy
 from raytrainer.trainer import Trainer
 from raytrainer.utilities import seed_everything
 
@@ -21,7 +22,7 @@ LightningModule = Module          # so a Lightning module needs only its import 
 LightningDataModule = DataModule
 
 __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Trainer", "FitResult",
-           "RayDataLoader", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
+           "RayDataLoader", "FSDPStrategy", "Callback", "callbacks", "loggers", "seed_everything", "ConfigError",
            "load_checkpoint", "CheckpointError", "CheckpointUploadError", "NonFiniteLossError", "Preempted",
            "sweep", "tune"]
 __version__ = "0.1.0"

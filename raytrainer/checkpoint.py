@@ -2,14 +2,18 @@
 
 A checkpoint is a folder ``{storage_path}/{name}/checkpoints/step=000001234[-epoch_end]/``::
 
-    model.pt      the module's state_dict
+    model.pt      the module's state_dict (full; or, sharded, sharded/ below instead)
     state.pt      everything else: optimizers, schedulers, GradScaler, loop counters, data
                   position, callbacks, loggers, metric aggregates, hparams, format version
     rank-NNNNN.pt each rank's RNG states (python, numpy, torch, CUDA) and its epoch-start RNG
+    sharded/      strategy="fsdp_sharded" only: every rank's shards of the model and optimizer
+                  states, written by torch.distributed.checkpoint (sharded_checkpoint.py); then
+                  state.pt holds no model or optimizer state
     COMMIT.json   written last: sha256 and size of every file above. Without it the folder is not
                   a checkpoint (a save that died half-way); with it, every load verifies hashes.
 
-Loading uses ``torch.load(weights_only=True)``: no arbitrary unpickling, ever.
+Loading uses ``torch.load(weights_only=True)`` and, for sharded/.metadata, an unpickler that
+admits only DCP's index classes: no arbitrary unpickling, ever.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from raytrainer import storage
 COMMIT_FILE = "COMMIT.json"
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"  # DCP's files of a sharded checkpoint (sharded_checkpoint.py)
+SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
+_SHARD_RE = re.compile(rf"{SHARDED_DIR}/__\d+_\d+\.distcp")
 _DIR_RE = re.compile(r"^step=(\d{9})(-epoch_end)?$")
 
 
@@ -57,14 +64,17 @@ def rank_file(rank: int) -> str:
 
 
 def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None, meta: dict | None = None,
-         writer=None, after_commit: list | None = None) -> None:
+         writer=None, after_commit: list | None = None, sharded: bool = False) -> None:
     """Write ``state`` to ``uri`` and commit it; every rank calls this.
 
     ``state["rank_state"]`` (RNG states, the epoch's data RNG) differs per rank: each rank writes
-    its own small ``rank-NNNNN.pt`` right away and the ranks exchange hashes. Rank 0 snapshots the
-    shared state to bytes and commits it — in the background when ``writer`` is asynchronous —
-    writing the marker last and then running ``after_commit``. A failure anywhere raises before
-    the marker: nothing half-written is ever committed.
+    its own small ``rank-NNNNN.pt`` right away and the ranks exchange hashes. With ``sharded``,
+    ``state["state_dict"]`` and ``state["optimizer_states"]`` are this rank's shards: every rank
+    writes them with DCP under ``sharded/`` right away, synchronously (a collective, which a
+    background thread must not run), and reports their hashes with its rank file. Rank 0
+    snapshots the shared state to bytes and commits it — in the background when ``writer`` is
+    asynchronous — writing the marker last and then running ``after_commit``. A failure anywhere
+    raises before the marker: nothing half-written is ever committed.
     """
     from raytrainer.checkpoint_writer import CheckpointWriter, with_retries
     writer = writer or CheckpointWriter(asynchronous=False)
@@ -77,26 +87,31 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     rank = ctx.global_rank if ctx is not None else 0
     fs, path = storage.filesystem(uri, storage_options)
     if rank == 0:
-        with_retries(lambda: _prepare_folder(fs, path), writer.policy, f"preparing checkpoint {uri}")
+        with_retries(lambda: _prepare_folder(fs, path, sharded), writer.policy, f"preparing checkpoint {uri}")
     if ctx is not None:
         ctx.barrier()
     files: dict = {}
     rank_blob = serialize(rank_state)
     with_retries(lambda: files.update(_write(fs, path, rank_file(rank), rank_blob)), writer.policy,
                  f"writing {uri}/{rank_file(rank)}")
+    if sharded:
+        from raytrainer import sharded_checkpoint
+        shards = {"model": state.pop("state_dict"), "optimizers": state.pop("optimizer_states")}
+        files.update(sharded_checkpoint.write(fs, path, uri, shards, writer.policy))
     gathered = ctx.all_gather_object(files) if ctx is not None else [files]
     if rank != 0:
         return
     for f in gathered:
         files.update(f)
     # The snapshot: after these two lines training may change the model freely.
-    model_blob = serialize(state.pop("state_dict"))
+    model_blob = None if sharded else serialize(state.pop("state_dict"))
     state_blob = serialize(state)
     marker_meta = {"global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
 
     def commit() -> None:
         written = dict(files)
-        written.update(_write(fs, path, MODEL_FILE, model_blob))
+        if model_blob is not None:
+            written.update(_write(fs, path, MODEL_FILE, model_blob))
         written.update(_write(fs, path, STATE_FILE, state_blob))
         marker = {"format_version": 1, "files": written, "created": time.time(), **marker_meta}
         _write_marker(fs, path, json.dumps(marker, indent=1).encode())
@@ -104,11 +119,13 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     writer.submit(commit, list(after_commit or []), f"checkpoint {uri}")
 
 
-def _prepare_folder(fs, path: str) -> None:
+def _prepare_folder(fs, path: str, sharded: bool = False) -> None:
     if fs.exists(f"{path}/{COMMIT_FILE}"):
         # Re-committing over a committed folder would leave a window where it is half-written;
         # uncommit first, so readers skip it until the new marker lands.
         fs.rm(f"{path}/{COMMIT_FILE}")
+    if sharded and fs.exists(f"{path}/{SHARDED_DIR}"):
+        fs.rm(f"{path}/{SHARDED_DIR}", recursive=True)  # shards of an earlier save (maybe more ranks)
     fs.makedirs(path, exist_ok=True)
 
 
@@ -140,10 +157,17 @@ def read_marker(uri: str, storage_options: Mapping | None = None) -> dict | None
     return marker
 
 
+def is_sharded_file(name: str) -> bool:
+    return name == SHARDED_METADATA or _SHARD_RE.fullmatch(name) is not None
+
+
 def _valid_file_table(files) -> bool:
-    return (isinstance(files, dict) and MODEL_FILE in files and STATE_FILE in files
+    """state.pt, rank files, and the model either as model.pt (full) or as sharded/.metadata plus
+    shard files (sharded), never both; no other names (a table naming ../x is not ours)."""
+    return (isinstance(files, dict) and STATE_FILE in files and (MODEL_FILE in files) != (SHARDED_METADATA in files)
             and all(isinstance(v, dict) and "sha256" in v and "size" in v for v in files.values())
-            and all(n in (MODEL_FILE, STATE_FILE) or re.fullmatch(r"rank-\d{5}\.pt", n) for n in files))
+            and all(n in (MODEL_FILE, STATE_FILE) or re.fullmatch(r"rank-\d{5}\.pt", n) or is_sharded_file(n)
+                    for n in files))
 
 
 def require_committed(uri: str, storage_options: Mapping | None = None) -> dict:
@@ -159,28 +183,51 @@ def require_committed(uri: str, storage_options: Mapping | None = None) -> dict:
     return marker
 
 
-def load(uri: str, storage_options: Mapping | None = None) -> dict:
-    """Read and verify a committed checkpoint; returns the state with ``state_dict`` included."""
+def load(uri: str, storage_options: Mapping | None = None, strategy=None, weights: bool = True) -> dict:
+    """Read and verify a committed checkpoint; returns the state with ``state_dict`` included.
+
+    A sharded checkpoint loads as full tensors in this process, unless ``strategy.shard_target()``
+    returns a sharded state of the current model (FSDP): then every rank must call this, and each
+    loads its own pieces into it after ``strategy.check_shards`` accepted the saved keys and
+    shapes (sharded_checkpoint.read_into). ``weights=False`` reads neither the model nor the
+    optimizer states (e.g. to read what a callback recorded)."""
     marker = require_committed(uri, storage_options)
     fs, path = storage.filesystem(uri, storage_options)
-    blobs = {}
-    for name, info in marker["files"].items():
-        try:
-            data = fs.cat_file(f"{path}/{name}")
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {uri} is missing {name}; load an earlier checkpoint") from None
-        if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {uri}/{name} is corrupted: its content does not "
-                                  f"match the hash recorded in {COMMIT_FILE}; load an earlier checkpoint")
-        blobs[name] = data
-    state = _torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
-    state["state_dict"] = _torch_load(blobs[MODEL_FILE], f"{uri}/{MODEL_FILE}")
-    state["rank_states"] = {int(name[5:10]): _torch_load(data, f"{uri}/{name}")
+    files = marker["files"]
+    blobs = {name: read_verified(fs, path, uri, name, info) for name, info in files.items()
+             if not is_sharded_file(name) and (weights or name != MODEL_FILE)}
+    state = torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
+    state["rank_states"] = {int(name[5:10]): torch_load(data, f"{uri}/{name}")
                             for name, data in blobs.items() if name.startswith("rank-")}
+    if not weights:
+        return state
+    if MODEL_FILE in files:
+        state["state_dict"] = torch_load(blobs[MODEL_FILE], f"{uri}/{MODEL_FILE}")
+        return state
+    from raytrainer import sharded_checkpoint  # imports torch.distributed.checkpoint (0.5 s): only here
+    target = strategy.shard_target() if strategy is not None else None
+    if target is None:
+        loaded = sharded_checkpoint.read_full(fs, path, uri, files)
+    else:
+        sharded_checkpoint.read_into(fs, path, uri, files, target, strategy.check_shards)
+        loaded = target
+    state["state_dict"], state["optimizer_states"] = loaded["model"], loaded["optimizers"]
     return state
 
 
-def _torch_load(data: bytes, where: str) -> Any:
+def read_verified(fs, path: str, uri: str, name: str, info: Mapping) -> bytes:
+    """The bytes of ``{path}/{name}``, checked against their COMMIT.json entry ``info``."""
+    try:
+        data = fs.cat_file(f"{path}/{name}")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} is missing {name}; load an earlier checkpoint") from None
+    if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CheckpointError(f"checkpoint file {uri}/{name} is corrupted: its content does not "
+                              f"match the hash recorded in {COMMIT_FILE}; load an earlier checkpoint")
+    return data
+
+
+def torch_load(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:

@@ -15,7 +15,7 @@ from raytrainer.checkpoint_writer import RetryPolicy
 from raytrainer.precision import normalize_precision
 
 ACCELERATORS = ("cpu", "gpu", "auto")
-STRATEGIES = ("ddp", "fsdp", "auto")
+STRATEGIES = ("ddp", "fsdp", "fsdp_sharded", "auto")
 LAUNCHERS = ("ray", "local")
 CLIP_ALGORITHMS = ("norm", "value")
 DEFAULT_STORAGE_PATH = "./raytrainer_runs"
@@ -32,7 +32,7 @@ class TrainerConfig:
     max_steps: int = -1
     accelerator: str = "auto"
     devices: int | str = 1
-    strategy: str = "ddp"
+    strategy: str = "ddp"  # "ddp" | "fsdp" | "fsdp_sharded" (an rt.FSDPStrategy arrives as its name)
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
@@ -123,6 +123,18 @@ def _retry_policy(value: Any) -> RetryPolicy:
     return value
 
 
+def _strategy(value: Any) -> str:
+    """A strategy name; ``rt.FSDPStrategy(state_dict_type=...)`` becomes "fsdp" or "fsdp_sharded"
+    (plain strings pickle to Ray workers and print in the resolved config)."""
+    from raytrainer.strategy import FSDPStrategy
+    if isinstance(value, FSDPStrategy):
+        return value.name
+    if not isinstance(value, str) or value not in STRATEGIES:
+        raise _fail("strategy", value, f"expected one of {list(STRATEGIES)} or "
+                                       "rt.FSDPStrategy(state_dict_type='full' | 'sharded')")
+    return "ddp" if value == "auto" else value
+
+
 def _profiler(value: Any) -> Any:
     from raytrainer.profiler import PROFILERS, SimpleProfiler
     if value is None or isinstance(value, SimpleProfiler) or (isinstance(value, str) and value in PROFILERS):
@@ -149,9 +161,7 @@ def build_config(**kw: Any) -> TrainerConfig:
     devices = kw.get("devices", 1)
     if devices != "auto":
         devices = _int("devices", devices, 1, "expected 'auto' or an int >= 1 (the number of training workers)")
-    strategy = _choice("strategy", kw.get("strategy", "ddp"), STRATEGIES)
-    if strategy == "auto":
-        strategy = "ddp"
+    strategy = _strategy(kw.get("strategy", "ddp"))
     try:
         precision = normalize_precision(kw.get("precision", "32-true"))
     except ValueError as e:

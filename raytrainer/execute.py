@@ -94,7 +94,9 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
 
     resume_uri = resolve_checkpoint(ckpt_path, cfg, ctx)
     if resume_uri is not None:
-        run.restore(ckpt_io.load(resume_uri, cfg.storage_options), weights_only_stage=stage != "fit")
+        # A sharded checkpoint loads straight into an FSDP model's shards (the strategy's target)
+        run.restore(ckpt_io.load(resume_uri, cfg.storage_options, strategy=run.strategy),
+                    weights_only_stage=stage != "fit")
     if stage == "fit":
         for lg in run.loggers:
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
@@ -152,7 +154,7 @@ def resolve_checkpoint(ckpt_path, cfg, ctx) -> str | None:
 
 def best_checkpoint_recorded_in(uri: str, storage_options) -> str | None:
     """The best checkpoint a ModelCheckpoint had recorded when ``uri`` was saved."""
-    state = ckpt_io.load(uri, storage_options)
+    state = ckpt_io.load(uri, storage_options, weights=False)  # only the callbacks' state is read
     for key, cb_state in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb_state.get("best_model_path"):
             return cb_state["best_model_path"]

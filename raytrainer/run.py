@@ -214,8 +214,8 @@ class Run:
         """The full state, in Lightning's key names where Lightning has one."""
         state = {
             "raytrainer_format_version": CHECKPOINT_FORMAT_VERSION,
-            "state_dict": self.strategy.model_state_dict(),
-            "optimizer_states": self.strategy.optimizer_state_dicts(),
+            "state_dict": self.strategy.checkpoint_model_state(),  # full, or this rank's shards
+            "optimizer_states": self.strategy.checkpoint_optimizer_states(),
             "lr_schedulers": [c.scheduler.state_dict() for c in self.scheduler_configs],
             "precision": self.precision.state_dict(),
             "epoch": self.current_epoch,
@@ -269,7 +269,7 @@ class Run:
             return uri
         ckpt_io.save(uri, self.checkpoint_state(), self.cfg.storage_options, self.ctx,
                      meta={"fit_token": getattr(self.ctx, "fit_token", None)},
-                     writer=self.writer, after_commit=after_commit)
+                     writer=self.writer, after_commit=after_commit, sharded=self.strategy.sharded_checkpoint)
         self.last_saved_position = self.position()
         for lg in self.loggers:
             lg.save()

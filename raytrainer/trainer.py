@@ -2,7 +2,7 @@
 Lightning's trainer attributes. It holds no loop logic (see loop.py)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytrainer import storage
 from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
@@ -13,10 +13,13 @@ from raytrainer.module import Module
 from raytrainer.preemption import Preempted
 from raytrainer.result import FitResult
 
+if TYPE_CHECKING:
+    from raytrainer.strategy import FSDPStrategy
+
 
 class Trainer:
     def __init__(self, *, max_epochs: int | None = None, max_steps: int = -1,
-                 accelerator: str = "auto", devices: int | str = 1, strategy: str = "ddp",
+                 accelerator: str = "auto", devices: int | str = 1, strategy: str | FSDPStrategy = "ddp",
                  precision: str | int = "32-true", accumulate_grad_batches: int = 1,
                  gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
                  val_check_interval: float | int | None = 1.0, check_val_every_n_epoch: int | None = 1,

@@ -22,7 +22,7 @@ BAD_TRAINER_ARGS = [
     ({"devices": 0}, r"devices=0"),
     ({"devices": "two"}, r"devices='two'"),
     ({"devices": True}, r"devices=True"),
-    ({"strategy": "deepspeed"}, r"strategy='deepspeed'.*\['ddp', 'fsdp', 'auto'\]"),
+    ({"strategy": "deepspeed"}, r"strategy='deepspeed'.*\['ddp', 'fsdp', 'fsdp_sharded', 'auto'\]"),
     ({"precision": "64"}, r"precision.*'64'.*not supported"),
     ({"precision": "16-true"}, r"precision.*'16-true'"),
     ({"accumulate_grad_batches": 0}, r"accumulate_grad_batches=0"),

@@ -1,4 +1,6 @@
 """launcher="ray": the same loop in Ray Train workers (real embedded Ray, gloo on CPU)."""
+import hashlib
+import json
 import os
 import signal
 
@@ -92,25 +94,55 @@ def test_ray_dataset_uneven_rows_same_steps_on_every_worker(ray_cluster, tmp_pat
     assert len(r0["seen"]) == len(r1["seen"]) >= 50
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", rt.FSDPStrategy(state_dict_type="sharded")],
+                         ids=["ddp", "fsdp", "fsdp_sharded"])
 def test_worker_sigkill_resumes_bit_identical(ray_cluster, tmp_path, strategy):
     ckpt = dict(callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)], strategy=strategy)
     data = DataLoader(Indexed(), batch_size=8, shuffle=True)
     torch.manual_seed(0)
     straight = Recorder()
     first = _trainer(tmp_path / "a", **ckpt).fit(straight, data)
-    # full, unsharded weights in the checkpoint and in the caller's model
+    # full, unsharded weights in the checkpoint (sharded: assembled in this process from the
+    # ranks' shards) and in the caller's model
     committed = rt.load_checkpoint(first.last_checkpoint)["state_dict"]
     assert {k: tuple(v.shape) for k, v in committed.items()} == {"net.weight": (1, 4), "net.bias": (1,)}
     assert all(torch.equal(v, committed[k]) for k, v in straight.state_dict().items())
+    if isinstance(strategy, rt.FSDPStrategy):
+        _check_sharded_checkpoint(tmp_path, first.last_checkpoint, committed, data)
 
     torch.manual_seed(0)
     killed = Recorder(out_dir=str(tmp_path), kill_at=5)
     result = _trainer(tmp_path / "b", max_failures=1, **ckpt).fit(killed, data)
     assert (tmp_path / "killed").exists()  # the worker really died once
     assert result.global_step == 8
+    # resumed from the step-4 checkpoint (the kill came before step 5's), not from scratch
+    assert len(torch.load(tmp_path / "rank0.pt")["seen"]) == 4 * 8
     for (k, v), w in zip(straight.state_dict().items(), killed.state_dict().values()):
         assert torch.equal(v, w), f"{k} differs after the restart"
+
+
+def _check_sharded_checkpoint(tmp_path, uri, committed, data):
+    """Every rank wrote its own DCP shard file, no rank the full model; COMMIT.json lists them
+    all with their hashes; the 2-rank checkpoint resumes in one process (launcher="local")."""
+    folder = tmp_path / "a" / "ray" / "checkpoints" / uri.rstrip("/").rsplit("/", 1)[-1]
+    files = json.loads((folder / "COMMIT.json").read_text())["files"]
+    shards = {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"}
+    assert set(files) == shards | {"state.pt", "rank-00000.pt", "rank-00001.pt"}
+    assert not (folder / "model.pt").exists()
+    for name in shards:
+        blob = (folder / name).read_bytes()
+        assert files[name] == {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    at_start = WeightsAtTrainStart()
+    result = rt.Trainer(launcher="local", max_epochs=2, seed=0, storage_path=str(tmp_path / "local"), name="l",
+                        logger=False, enable_progress_bar=False, callbacks=[at_start]).fit(Recorder(), data, ckpt_path=uri)
+    assert all(torch.equal(v, committed[k]) for k, v in at_start.weights.items())
+    # step 8 was batch 4 of epoch 1's 4 on two ranks; alone, the epoch has 8 batches: 4 more
+    assert result.global_step == 12
+
+
+class WeightsAtTrainStart(rt.Callback):
+    def on_train_start(self, trainer, module):
+        self.weights = {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_worker_exception_reaches_driver_with_type_message_and_line(ray_cluster, tmp_path):
