@@ -142,6 +142,9 @@ def main(tmp):
     global DRAIN
     # Ray's drain watcher and our check poll fast (default 5 s); the nodes inherit this env.
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
+    # Run from the test suite, this process inherits the session's embedded-Ray setting that
+    # turns the watcher off (one node: nothing to preempt); a cluster needs it on.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(3):
         cluster.add_node(num_cpus=1)

@@ -46,7 +46,7 @@ def test_node_drained_as_preempted_commits_a_just_in_time_checkpoint_then_resume
     the cluster): the workers commit a checkpoint at once and train on; when the node goes, the
     restarted workers resume from that checkpoint, not from the last epoch end."""
     proc, out = _scenario(scenarios, "drain")
-    assert out["node_removed"] and out["jit_checkpoint"], out
+    assert out["node_removed"] and out["jit_checkpoint"], (out, proc.stdout[-3000:])
     jit_step = int(out["jit_checkpoint"].rsplit("step=", 1)[1])
     # epoch-end checkpoints only (6 steps per epoch), so a mid-epoch one is the notice's; the
     # node is drained at step 8
