@@ -1,5 +1,6 @@
-"""Ray Dataset input resumes exactly: a worker killed mid-epoch (shuffled data, epochs reshuffled)
-restarts and every later step trains on the same rows an uninterrupted run used, to the bit."""
+"""Ray Dataset input: a row count the workers cannot split evenly still gives every worker the same
+number of steps (no DDP hang), and a worker killed mid-epoch (shuffled data, epochs reshuffled)
+restarts and trains every later step on the rows an uninterrupted run used, to the bit."""
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from torch import nn
 import raytrainer as rt
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-ROWS, BATCH, EPOCHS = 96, 8, 3  # 2 workers: 6 steps per epoch, 18 in all
+ROWS, BATCH, EPOCHS = 97, 8, 3  # uneven: 48 rows per worker, 6 steps per epoch, 18 in all
 KILL_AT = 9                     # rank 1 dies after step 9: mid-epoch 1 (an epoch already reshuffled)
 
 
@@ -61,11 +62,12 @@ def _fit(tmp_path, name, kill_at=None):
 
 def test_shuffled_ray_dataset_worker_killed_mid_epoch_resumes_on_the_same_rows(ray_cluster, tmp_path):
     straight, result, straight_dir = _fit(tmp_path, "straight")
-    assert result.global_step == EPOCHS * ROWS // (2 * BATCH)
+    assert result.global_step == EPOCHS * 6
     rows = [_rows(straight_dir, r) for r in (0, 1)]
-    for epoch in range(EPOCHS):  # every row once per epoch, ranks disjoint
-        seen = [i for r in rows for _, (e, ids) in r.items() if e == epoch for i in ids]
-        assert sorted(seen) == list(range(ROWS)), epoch
+    assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 19))  # the same steps on both ranks
+    for epoch in range(EPOCHS):  # equal, disjoint shards of the uneven count, each epoch
+        per_rank = [[i for _, (e, ids) in r.items() if e == epoch for i in ids] for r in rows]
+        assert len(per_rank[0]) == len(per_rank[1]) == 48 and not set(per_rank[0]) & set(per_rank[1]), epoch
     order = [[i for _, (e, ids) in sorted(rows[0].items()) if e == epoch for i in ids] for epoch in range(EPOCHS)]
     assert order[0] != order[1] != order[2] and order[0] != sorted(order[0])  # shuffled, anew each epoch
 

@@ -82,49 +82,38 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_and_weights(ray_cluster,
         assert torch.equal(v, committed[k])
 
 
-def test_ray_dataset_uneven_rows_same_steps_on_every_worker(ray_cluster, tmp_path):
-    import ray.data
-    n = 101  # not divisible by 2 workers
-    ds = ray.data.from_items([{"x": [i / n] * 4, "y": [4 * i / n], "i": i} for i in range(n)])
-    model = Recorder(out_dir=str(tmp_path))
-    result = _trainer(tmp_path, max_epochs=1).fit(model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["steps"] == r1["steps"] == result.global_step
-    assert not set(r0["seen"]) & set(r1["seen"])
-    assert len(r0["seen"]) == len(r1["seen"]) >= 50
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", rt.FSDPStrategy(state_dict_type="sharded")],
-                         ids=["ddp", "fsdp", "fsdp_sharded"])
-def test_worker_sigkill_resumes_bit_identical(ray_cluster, tmp_path, strategy):
-    ckpt = dict(callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)], strategy=strategy)
+def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_cluster, tmp_path):
+    """FSDP2 on 2 workers, a run with full checkpoints and one with sharded (DCP) checkpoints whose
+    rank 1 is SIGKILLed mid-epoch: the restarted workers load their shards and end bit-identical.
+    (DDP's SIGKILL resume: test_ray_data_resume.py and test_chaos.py.)"""
+    every_step = [rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)]
     data = DataLoader(Indexed(), batch_size=8, shuffle=True)
     torch.manual_seed(0)
     straight = Recorder()
-    first = _trainer(tmp_path / "a", **ckpt).fit(straight, data)
-    # full, unsharded weights in the checkpoint (sharded: assembled in this process from the
-    # ranks' shards) and in the caller's model
+    first = _trainer(tmp_path / "a", strategy="fsdp", callbacks=every_step).fit(straight, data)
+    # full, unsharded weights in the full checkpoint and in the caller's model
     committed = rt.load_checkpoint(first.last_checkpoint)["state_dict"]
     assert {k: tuple(v.shape) for k, v in committed.items()} == {"net.weight": (1, 4), "net.bias": (1,)}
     assert all(torch.equal(v, committed[k]) for k, v in straight.state_dict().items())
-    if isinstance(strategy, rt.FSDPStrategy):
-        _check_sharded_checkpoint(tmp_path, first.last_checkpoint, committed, data)
 
     torch.manual_seed(0)
     killed = Recorder(out_dir=str(tmp_path), kill_at=5)
-    result = _trainer(tmp_path / "b", max_failures=1, **ckpt).fit(killed, data)
+    result = _trainer(tmp_path / "b", max_failures=1, strategy=rt.FSDPStrategy(state_dict_type="sharded"),
+                      callbacks=every_step).fit(killed, data)
     assert (tmp_path / "killed").exists()  # the worker really died once
     assert result.global_step == 8
     # resumed from the step-4 checkpoint (the kill came before step 5's), not from scratch
     assert len(torch.load(tmp_path / "rank0.pt")["seen"]) == 4 * 8
     for (k, v), w in zip(straight.state_dict().items(), killed.state_dict().values()):
         assert torch.equal(v, w), f"{k} differs after the restart"
+    # the sharded checkpoint, assembled in this process from the ranks' shards, holds them too
+    _check_sharded_checkpoint(tmp_path / "b", result.last_checkpoint, committed, data)
 
 
 def _check_sharded_checkpoint(tmp_path, uri, committed, data):
     """Every rank wrote its own DCP shard file, no rank the full model; COMMIT.json lists them
     all with their hashes; the 2-rank checkpoint resumes in one process (launcher="local")."""
-    folder = tmp_path / "a" / "ray" / "checkpoints" / uri.rstrip("/").rsplit("/", 1)[-1]
+    folder = tmp_path / "ray" / "checkpoints" / uri.rstrip("/").rsplit("/", 1)[-1]
     files = json.loads((folder / "COMMIT.json").read_text())["files"]
     shards = {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"}
     assert set(files) == shards | {"state.pt", "rank-00000.pt", "rank-00001.pt"}
