@@ -100,7 +100,7 @@ def _sweep_table(r: dict) -> str:
 # name -> (script in benchmarks/, extra arguments, JSON -> Markdown).
 BENCHMARKS: dict[str, tuple[str, list[str], Callable[[dict], str]]] = {
     "loop_overhead": ("loop_overhead.py", [], _loop_overhead_table),
-    "ray_overhead": ("ray_overhead.py", [], _ray_overhead_table),
+    "ray_overhead": ("ray_overhead.py", ["--repeats", "4"], _ray_overhead_table),
     "data_ingest": ("data_ingest.py", [], _ingest_table),
     "checkpoint_blocking": ("checkpoint_blocking.py", [], _checkpoint_table),
     "sharded_checkpoint": ("sharded_checkpoint.py", [], _sharded_table),
