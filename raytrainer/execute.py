@@ -96,7 +96,8 @@ def _execute(run: Run, stage: str, module, datamodule, loaders, ckpt_path, ctx) 
     if resume_uri is not None:
         # A sharded checkpoint loads straight into an FSDP model's shards (the strategy's target)
         run.restore(ckpt_io.load(resume_uri, cfg.storage_options, strategy=run.strategy),
-                    weights_only_stage=stage != "fit")
+                    weights_only_stage=stage != "fit",
+                    own_run=resume_uri.startswith(ckpt_io.checkpoints_root(cfg) + "/"))
     if stage == "fit":
         for lg in run.loggers:
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"

@@ -281,9 +281,10 @@ class Run:
         out.update(epoch=self.current_epoch, step=self.global_step)
         return out
 
-    def restore(self, state: dict, weights_only_stage: bool = False) -> None:
+    def restore(self, state: dict, weights_only_stage: bool = False, own_run: bool = True) -> None:
         """Load a checkpoint's state; counters and RNG only for fit (``weights_only_stage``
-        is validate/test/predict, which need the weights alone)."""
+        is validate/test/predict, which need the weights alone). Loggers continue the
+        checkpoint's logger runs only when it is ``own_run``'s (see ``Logger.load_state_dict``)."""
         self.strategy.load_model_state_dict(state["state_dict"])
         self.call("on_load_checkpoint", state)
         if weights_only_stage:
@@ -299,7 +300,7 @@ class Run:
         for cb in self.callbacks:
             if cb.state_key in by_key:
                 cb.load_state_dict(by_key[cb.state_key])
-        for lg, sd in zip(self.loggers, state.get("loggers", [])):
+        for lg, sd in zip(self.loggers, state.get("loggers", []) if own_run else []):
             lg.load_state_dict(sd)
         if self.datamodule is not None and state.get("datamodule"):
             self.datamodule.load_state_dict(state["datamodule"])

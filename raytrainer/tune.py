@@ -11,6 +11,7 @@ Trial checkpoints and logs go to ``{storage_path}/{name}/trial_<id>/`` (Tune's o
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import Any
@@ -48,6 +49,8 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
 
     _validate(module, data, trainer, search_space, metric, mode, num_samples)
     cfg = trainer.cfg
+    for lg in trainer.loggers:  # what each trial will do, on a copy: a refusal comes before Ray
+        copy.deepcopy(lg).join_sweep(cfg.run_dir, "trial_check")
     if cfg.devices == "auto" and cfg.accelerator == "gpu":
         raise ConfigError("sweep: devices='auto' with accelerator='gpu' would give every trial all "
                           "GPUs; set devices=<workers per trial>")

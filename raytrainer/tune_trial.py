@@ -123,6 +123,8 @@ def run_trial(config: dict, job: dict) -> None:
               "callbacks": copy.deepcopy(job["trainer_kwargs"].get("callbacks")),
               "logger": copy.deepcopy(job["trainer_kwargs"].get("logger", True))}
     trainer = Trainer(**kwargs)
+    for lg in trainer.loggers:  # W&B / MLflow: this trial's own run, grouped under the sweep
+        lg.join_sweep(job["sweep_dir"], kwargs["name"])
     previous = read_trial_summary(trainer.cfg.run_dir, trainer.cfg.storage_options) or {}
     if previous.get("completed"):
         # Finished before an interrupted sweep's driver died, but not yet recorded by Tune:

@@ -44,7 +44,17 @@ def test_asha_sweep_stops_bad_trials_and_survives_a_crashing_one(ray_cluster, tm
 
 
 def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path):
-    trainer = rt.Trainer(max_epochs=8, storage_path=str(tmp_path), name="pbt", logger=False,
+    """...and the exploiting trial keeps logging to its own W&B and MLflow runs (grouped under the
+    sweep), never the donor's: the donor's checkpoint brings weights, not run identities."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from raytrainer.loggers import MLflowLogger, WandbLogger
+    from wandb_files import offline_runs, wandb_records
+
+    loggers = [WandbLogger(project="pbt", mode="offline"), MLflowLogger(experiment_name="pbt")]
+    trainer = rt.Trainer(max_epochs=8, storage_path=str(tmp_path), name="pbt", logger=loggers,
                          callbacks=[rt.callbacks.ModelCheckpoint(save_top_k=-1)])  # keep what was cloned
     # one poor and one good start: the poor trial falls in PBT's lower quantile and exploits
     result = rt.sweep(Reg, RegData(), trainer, search_space={"lr": rt.tune.grid_search([1e-4, 3e-2]), "val_delay": 0.5},
@@ -57,6 +67,26 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path)
         assert t.checkpoint.startswith(str(tmp_path / "pbt" / f"trial_{t.trial_id}"))  # ...in its own dir
     for t in result.trials:  # and nobody deleted anybody's checkpoints
         assert rt.load_checkpoint(t.checkpoint)["global_step"] > 0
+
+    # W&B: every (re)start of a trial wrote to that trial's one run, in the sweep's group.
+    ids = {}
+    for t in result.trials:
+        trial_dir = tmp_path / "pbt" / f"trial_{t.trial_id}"
+        runs = offline_runs(trial_dir)
+        assert runs and len({r["id"] for r in runs}) == 1, runs
+        ids[t.trial_id] = runs[0]["id"]
+        meta = {(rec.run.run_group, rec.run.display_name)
+                for f in trial_dir.glob("wandb/offline-run-*/run-*.wandb")
+                for rec in wandb_records(f) if rec.WhichOneof("record_type") == "run"}
+        assert meta == {("pbt", f"trial_{t.trial_id}")}
+    assert len(set(ids.values())) == len(result.trials)
+    # MLflow: one store for the sweep, one FINISHED run per trial, the exploiter's steps all in its own.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'pbt'}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
+    assert sorted(r.info.run_name for r in found) == sorted(f"trial_{t.trial_id}" for t in result.trials)
+    assert {r.info.status for r in found} == {"FINISHED"}
+    exploiter = next(r for r in found if r.info.run_name == f"trial_{exploits[0][0].trial_id}")
+    assert max(m.step for m in client.get_metric_history(exploiter.info.run_id, "val_loss")) > 0
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):

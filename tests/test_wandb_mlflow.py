@@ -1,7 +1,7 @@
 """W&B and MLflow loggers, offline: what they wrote is read back by the real formats' readers.
 
 W&B runs in offline mode and writes its transaction log (``run-<id>.wandb``: LevelDB-log framed,
-CRC-checked protobuf ``Record``s), which ``_wandb_run`` parses with wandb's own protobuf classes
+CRC-checked protobuf ``Record``s), which ``wandb_files.py`` parses with wandb's own protobuf classes
 (wandb >= 0.2x ships no Python reader). MLflow writes a local sqlite store read back with
 ``MlflowClient``. No network: W&B's service is a local process, and every wait is bounded by the
 timeout below.
@@ -9,14 +9,10 @@ timeout below.
 from __future__ import annotations
 
 import glob
-import json
 import os
-import time
 import pickle
-import struct
 import sys
 import tempfile
-import zlib
 
 import pytest
 import yaml
@@ -26,6 +22,7 @@ from raytrainer import checkpoint as ckpt_io
 from raytrainer.loggers import MLflowLogger, WandbLogger
 
 from helpers import LinearModel, loader, make_trainer
+from wandb_files import offline_runs, series, wandb_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,70 +58,6 @@ def wandb_offline(tmp_path, clean_env, monkeypatch):
 @pytest.fixture
 def mlflow_local(clean_env):
     return pytest.importorskip("mlflow")
-
-
-# ---------------------------------------------------------------- readers
-
-def _wandb_records(path):
-    """Every protobuf Record of a ``.wandb`` file, each chunk's CRC verified."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:4] == b":W&B", path
-    pos, pending, records = 7, b"", []  # after the 7-byte file header
-    while pos + 7 <= len(data):
-        room = 32768 - pos % 32768  # chunks never cross 32 KiB blocks; the tail is zero padding
-        if room < 7:
-            pos += room
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
-        assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"corrupt chunk at {pos}"
-        pending += chunk
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a record is complete
-            records.append(pb.Record.FromString(pending))
-            pending = b""
-    return records
-
-
-def _wandb_run(path) -> dict:
-    """id, config, history rows, exit code and artifacts of one offline run file."""
-    out = {"id": None, "config": {}, "history": [], "exit_code": None, "artifacts": []}
-    for rec in _wandb_records(path):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            out["id"] = rec.run.run_id
-            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                   for i in rec.history.item})
-        elif kind == "exit":
-            out["exit_code"] = rec.exit.exit_code
-        elif kind == "artifact":
-            out["artifacts"].append((rec.artifact.name, rec.artifact.type,
-                                     sorted(c.path for c in rec.artifact.manifest.contents)))
-    out["config"].pop("_wandb", None)
-    return out
-
-
-def _offline_runs(save_dir, timeout_s: float = 20.0) -> list[dict]:
-    """Every offline run under ``save_dir``, read once its file is complete: W&B's service process
-    writes the file after ``finish()`` returns, and on a loaded machine the read can come first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        files = glob.glob(os.path.join(str(save_dir), "wandb", "offline-run-*", "run-*.wandb"))
-        runs = [_wandb_run(f) for f in sorted(files, key=os.path.getmtime)]
-        if all(r["id"] is not None and r["exit_code"] is not None for r in runs) or time.monotonic() > deadline:
-            return runs
-        time.sleep(0.2)
-
-
-def _series(rows, key) -> list[tuple[int, float]]:
-    return [(r["trainer/global_step"], r[key]) for r in rows if key in r]
 
 
 # ---------------------------------------------------------------- a fit that is killed, then resumed
@@ -170,10 +103,10 @@ def test_kill_and_resume_continues_one_wandb_and_one_mlflow_run(tmp_path, wandb_
     assert (wb2.run_id, ml2.run_id) == (wb.run_id, ml.run_id)
 
     # W&B: one run id in both offline folders (under the run dir), the crash exiting 1.
-    first, second = _offline_runs(run_dir)
+    first, second = offline_runs(run_dir)
     assert first["id"] == second["id"] == wb.run_id
     assert (first["exit_code"], second["exit_code"]) == (1, 0)
-    crashed, resumed = _series(first["history"], "train_loss"), _series(second["history"], "train_loss")
+    crashed, resumed = series(first["history"], "train_loss"), series(second["history"], "train_loss")
     assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
     assert [s for s, _ in resumed] == [5, 6, 7, 8]  # continues after the step-4 checkpoint
     assert resumed[0][1] == pytest.approx(crashed[-1][1], abs=0)  # step 5 again, same loss
@@ -216,10 +149,10 @@ def test_wandb_metrics_hparams_and_resolved_config(tmp_path, wandb_offline):
     logger.finalize("success")
     logger.finalize("success")  # idempotent: the run is already closed
 
-    [run] = _offline_runs(run_dir)
+    [run] = offline_runs(run_dir)
     assert run["id"] == logger.run_id and run["exit_code"] == 0
-    assert _series(run["history"], "train_loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
-    assert _series(run["history"], "val_loss") == [(3, 0.5)]
+    assert series(run["history"], "train_loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert series(run["history"], "val_loss") == [(3, 0.5)]
     assert run["config"]["opt"] == {"name": "adam", "betas": [0.9, 0.99]}
     assert (run["config"]["lr"], run["config"]["hidden"]) == (0.01, 64)
     assert run["config"]["resolved_config"] == {"trainer": {"max_epochs": 3}}
@@ -240,7 +173,7 @@ def test_wandb_pickles_without_run_and_remote_run_dir_uses_local_folder(tmp_path
     # An explicit id= wins over a checkpoint's.
     clone.load_state_dict({"wandb_run_id": "other123"})
     assert clone.run_id == "fixedid1"
-    [run] = _offline_runs(local)
+    [run] = offline_runs(local)
     assert (run["id"], run["exit_code"]) == ("fixedid1", 1)
 
 
@@ -320,7 +253,7 @@ def test_wandb_config_holds_no_secret(tmp_path, wandb_offline, clean_env):
     logger.log_hyperparams(SECRET_HPARAMS)
     logger.finalize("success")
 
-    [run] = _offline_runs(run_dir)
+    [run] = offline_runs(run_dir)
     assert run["config"]["note"] == "<redacted>" and run["config"]["lr"] == 0.1
     assert run["config"]["hub"] == {"repo": "me/m", "token": "<redacted>"}
     assert run["config"]["resolved_config"] == {"model": {"init_args": {"password": "<redacted>"}}}
@@ -355,3 +288,81 @@ def test_missing_package_names_the_extra(tmp_path, monkeypatch, clean_env, make,
     logger.setup(str(tmp_path / "run"))
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         logger.log_metrics({"a": 1.0}, step=1)
+
+
+# ---------------------------------------------------------------- runs of other runs, sweep trials
+
+def test_a_checkpoint_of_another_run_brings_its_weights_not_its_logger_runs(tmp_path, wandb_offline,
+                                                                            mlflow_local):
+    """Fine-tuning from run a's checkpoint (or a PBT trial taking a donor's) starts run b's own
+    W&B and MLflow runs: b never writes into a's."""
+    def fit(name, loggers, ckpt_path=None):
+        trainer = make_trainer(tmp_path, name=name, max_steps=4 if ckpt_path is None else 6,
+                               max_epochs=2, log_every_n_steps=1, logger=loggers, enable_checkpointing=True,
+                               callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)])
+        trainer.fit(Net(), loader(n=16, batch_size=4), ckpt_path=ckpt_path)
+        return ckpt_io.latest_committed(trainer.cfg)
+
+    wb_a, ml_a = WandbLogger(project="p"), MLflowLogger(experiment_name="exp")
+    donor = fit("a", [wb_a, ml_a])
+    wb_b, ml_b = WandbLogger(project="p"), MLflowLogger(experiment_name="exp")
+    own_id = wb_b.run_id
+    last_b = fit("b", [wb_b, ml_b], ckpt_path=donor)
+    assert ckpt_io.load(last_b)["global_step"] == 6  # the donor's 4 steps were continued
+    assert wb_b.run_id == own_id != wb_a.run_id and ml_b.run_id != ml_a.run_id
+    assert ckpt_io.load(last_b)["loggers"] == [{"wandb_run_id": wb_b.run_id}, {"mlflow_run_id": ml_b.run_id}]
+    [run_a] = offline_runs(tmp_path / "a")
+    [run_b] = offline_runs(tmp_path / "b")
+    assert (run_a["id"], run_b["id"]) == (wb_a.run_id, wb_b.run_id)
+    assert [s for s, _ in series(run_b["history"], "train_loss")] == [5, 6]
+
+    from mlflow.tracking import MlflowClient
+    steps = {}
+    for name, logger in (("a", ml_a), ("b", ml_b)):
+        client = MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
+        [run] = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+        assert run.info.run_id == logger.run_id
+        steps[name] = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == {"a": [1, 2, 3, 4], "b": [5, 6]}
+
+
+def test_each_sweep_trial_gets_its_own_run_grouped_under_the_sweep(tmp_path, wandb_offline, mlflow_local):
+    """join_sweep, as each trial calls it on its copy of the user's loggers: distinct W&B runs in
+    the sweep's group, one MLflow store for the sweep with a run per trial, and a restarted trial
+    (before its first checkpoint) back in its own run."""
+    import copy
+
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir = str(tmp_path / "lr-sweep")
+    user_wb, user_ml = WandbLogger(project="p"), MLflowLogger(experiment_name="exp")
+    trials = ["trial_x_00000", "trial_x_00001", "trial_x_00000"]  # the third: trial 0 restarted
+    seen = []
+    for step, trial in enumerate(trials, start=1):
+        wb, ml = copy.deepcopy(user_wb), copy.deepcopy(user_ml)
+        for lg in (wb, ml):
+            lg.join_sweep(sweep_dir, trial)
+            lg.setup(f"{sweep_dir}/{trial}")
+            lg.log_metrics({"val_loss": 1.0 / step}, step=step)
+            lg.finalize("success")
+        seen.append((wb.run_id, ml.run_id))
+    assert seen[0] == seen[2] and seen[0][0] != seen[1][0] and seen[0][1] != seen[1][1]
+
+    runs = [r for t in ("trial_x_00000", "trial_x_00001") for r in offline_runs(f"{sweep_dir}/{t}")]
+    assert [r["id"] for r in runs] == [seen[0][0], seen[0][0], seen[1][0]]
+    groups = {(rec.run.run_group, rec.run.display_name) for t in ("trial_x_00000", "trial_x_00001")
+              for f in glob.glob(f"{sweep_dir}/{t}/wandb/offline-run-*/run-*.wandb")
+              for rec in wandb_records(f) if rec.WhichOneof("record_type") == "run"}
+    assert groups == {("lr-sweep", "trial_x_00000"), ("lr-sweep", "trial_x_00001")}
+
+    client = MlflowClient(f"sqlite:///{sweep_dir}/mlflow.db")  # one store for the whole sweep
+    found = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
+                               filter_string="tags.`raytrainer.sweep` = 'lr-sweep'", order_by=["attributes.run_name"])
+    assert [(r.info.run_name, r.info.run_id) for r in found] == [("trial_x_00000", seen[0][1]),
+                                                                 ("trial_x_00001", seen[1][1])]
+    assert [m.step for m in client.get_metric_history(seen[0][1], "val_loss")] == [1, 3]
+
+    # A fixed id cannot name several trials: refused by rt.sweep before Ray is touched.
+    trainer = make_trainer(tmp_path, name="fixed", logger=[WandbLogger(id="fixed123")])
+    with pytest.raises(ValueError, match="every trial into one W&B run"):
+        rt.sweep(Net, None, trainer, search_space={"lr": 0.1}, metric="val_loss")

@@ -27,6 +27,13 @@ class Logger:
         """Bind to the run directory (a local path or fsspec URI); ``storage_options`` are the
         Trainer's fsspec options for it (credentials, endpoint: never to be logged)."""
 
+    def join_sweep(self, sweep_dir: str, trial_name: str) -> None:
+        """Called in each sweep trial (on that trial's copy of the logger) before it runs: a
+        logger with a run identity of its own gives the trial its own run, grouped under the
+        sweep. Raise ``ValueError`` when that cannot be done (``rt.sweep`` calls this on a copy
+        before Ray starts, so the mistake is reported up front). TensorBoard and CSV need nothing:
+        they write under the trial's own run dir."""
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Record scalar ``metrics`` (plain floats) at ``step`` (optimizer steps done)."""
 
@@ -44,4 +51,6 @@ class Logger:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Called on resume with this logger's ``state_dict()`` from the checkpoint — only when
+        the checkpoint belongs to this run (its run dir): a checkpoint of another run (a PBT
+        donor, a fine-tuning start) must not make this run write into the other run's logs."""

@@ -1,6 +1,8 @@
 """MLflow logger: one MLflow run per training run, kept across restarts and resumes."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
@@ -16,6 +18,7 @@ MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
+SWEEP_TAG, TRIAL_TAG = "raytrainer.sweep", "raytrainer.trial"
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")  # MLflow accepts [/\w.\- ] (and ':' off Windows)
 
 
@@ -25,6 +28,24 @@ def _import_mlflow():
     except ImportError as e:
         raise ImportError("MLflowLogger needs MLflow: pip install raytrainer[mlflow]") from e
     return MlflowClient
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """Serialize opening a local SQLite store across processes: concurrent sweep trials would
+    otherwise race to create its schema and experiment (MLflow migrates a new database on first
+    use, and two migrations of one file fail)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _key(name: str) -> str:
@@ -37,7 +58,11 @@ class MLflowLogger(Logger):
     **One MLflow run per training run.** The run is created on first use; its id is stored in
     every checkpoint through ``state_dict()`` and read back by ``load_state_dict()`` on resume, so
     ``fit(..., ckpt_path="last")`` with a *new* MLflowLogger continues the same run (set back to
-    RUNNING, then FINISHED or FAILED by ``finalize``).
+    RUNNING, then FINISHED or FAILED by ``finalize``). A checkpoint of *another* run (a PBT
+    donor's, a fine-tuning start) brings its weights, not its MLflow run.
+
+    **Sweeps.** In ``rt.sweep`` every trial gets its own MLflow run, named after the trial and
+    tagged with the sweep's and the trial's names, in one store (see ``join_sweep``).
 
     **Tracking URI**, in order: ``tracking_uri=``; MLflow's ``MLFLOW_TRACKING_URI`` environment
     variable; for a local run dir, ``sqlite:///{run_dir}/mlflow.db`` with artifacts under
@@ -57,6 +82,7 @@ class MLflowLogger(Logger):
         self._tracking_uri = tracking_uri
         self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self._run_dir: str | None = None
+        self._sweep_dir: str | None = None  # set in a sweep trial: the store is the sweep's
         self._run_id: str | None = None
         self._client = None
         self._uri: str | None = None  # resolved when the client is made
@@ -83,27 +109,42 @@ class MLflowLogger(Logger):
         return None if local is None else f"sqlite:///{local}/mlflow.db"
 
     def _local_run_dir(self) -> str | None:
-        if self._run_dir is None or _sync.is_remote(self._run_dir):
+        """Where the default store goes: the run dir, or in a sweep the sweep dir (one store
+        for all trials, so MLflow's UI compares them); None when that is remote."""
+        folder = self._sweep_dir or self._run_dir
+        if folder is None or _sync.is_remote(folder):
             return None
-        return os.path.abspath(_sync.strip_file_scheme(self._run_dir))
+        return os.path.abspath(_sync.strip_file_scheme(folder))
 
     def setup(self, run_dir: str, storage_options=None) -> None:
         self._run_dir = run_dir
 
+    def join_sweep(self, sweep_dir: str, trial_name: str) -> None:
+        """One MLflow run per trial, named after the trial (unless ``run_name=`` was given) and
+        tagged ``raytrainer.sweep`` / ``raytrainer.trial`` (filter with
+        ``tags.`raytrainer.sweep` = '<name>'``). The default store moves to the sweep dir, so
+        every trial is in one store; a trial Tune restarts before its first checkpoint finds its
+        run again by the trial tag."""
+        self._sweep_dir = sweep_dir
+        self._run_name = self._run_name or trial_name
+        self._tags.update({SWEEP_TAG: sweep_dir.rstrip("/").rsplit("/", 1)[-1], TRIAL_TAG: trial_name})
+        self._run_id = None
+
     @property
     def experiment(self):
         """The ``MlflowClient`` bound to this logger's tracking URI, with the run open."""
+        if self._opened:
+            return self._client
         if self._client is None:
             # Resolved once per process: a Ray worker resolves in its own environment.
-            self._uri = uri = self._resolve_uri()
-            if uri is None:
+            self._uri = self._resolve_uri()
+            if self._uri is None:
                 raise ValueError(f"MLflowLogger: the run dir {self._run_dir!r} is remote (or setup() "
                                  "was not called) and no tracking URI is set: pass tracking_uri= "
                                  "(e.g. http://mlflow-server:5000) or set MLFLOW_TRACKING_URI")
-            if uri.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
-            self._client = _import_mlflow()(uri)
-        if not self._opened:
+        with _sqlite_store_lock(self._uri):
+            if self._client is None:
+                self._client = _import_mlflow()(self._uri)
             self._open_run()
         return self._client
 
@@ -141,12 +182,20 @@ class MLflowLogger(Logger):
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(self._run_id, status="RUNNING")  # resumed
+        if self._run_id is None and TRIAL_TAG in self._tags:
+            self._run_id = self._find_trial_run()
         if self._run_id is None:
             run = client.create_run(self._experiment_id(), run_name=self._run_name, tags=self._tags)
             self._run_id = run.info.run_id
         self._opened = True
         print(f"[raytrainer] MLflowLogger: tracking_uri={self._uri} "
               f"experiment={self._experiment_name!r} run_id={self._run_id}", flush=True)
+
+    def _find_trial_run(self) -> str | None:
+        """This sweep trial's run, if an earlier attempt of the trial created one."""
+        filters = " and ".join(f"tags.`{k}` = '{self._tags[k]}'" for k in (SWEEP_TAG, TRIAL_TAG))
+        runs = self._client.search_runs([self._experiment_id()], filter_string=filters, max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -1,6 +1,7 @@
 """Weights & Biases logger: one W&B run per training run, kept across restarts and resumes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import string
@@ -21,6 +22,11 @@ def _import_wandb():
     return wandb
 
 
+def _stable_run_id(key: str) -> str:
+    # Hex is within W&B's id alphabet; the same key always names the same W&B run.
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def _new_run_id() -> str:
     # W&B's own id shape (8 chars of [a-z0-9]), made here so the id exists before wandb is imported
     # and travels with the pickled logger to a Ray worker.
@@ -34,7 +40,11 @@ class WandbLogger(Logger):
     ``id=``), stored in every checkpoint through ``state_dict()``, and read back by
     ``load_state_dict()`` on resume, so ``fit(..., ckpt_path="last")`` with a *new* WandbLogger
     continues the same W&B run (``wandb.init(id=..., resume="allow")``). An explicit ``id=`` wins
-    over the checkpoint's.
+    over the checkpoint's. A checkpoint of *another* run (``ckpt_path`` into another run dir, a
+    PBT donor's) brings its weights, not its W&B run: this run keeps its own id.
+
+    **Sweeps.** In ``rt.sweep`` every trial gets its own W&B run, named after the trial and in a
+    group named after the sweep (``join_sweep``); ``id=`` is refused there.
 
     **Steps.** Each call logs ``{**metrics, "trainer/global_step": step}`` and W&B's x-axis is
     ``trainer/global_step`` (``define_metric``), as Lightning does. W&B's own ``_step`` is left to
@@ -95,6 +105,19 @@ class WandbLogger(Logger):
         # checkpoints in a remote run dir (never logged).
         self._storage_options = dict(storage_options) if storage_options else None
         self._run_dir = run_dir
+
+    def join_sweep(self, sweep_dir: str, trial_name: str) -> None:
+        """One W&B run per trial, in the group named after the sweep (unless ``group=`` was
+        given), named after the trial (unless ``name=`` was). The id is derived from the sweep
+        dir and trial name, so a trial Tune restarts before its first checkpoint continues the
+        same W&B run."""
+        if self._fixed_id is not None:
+            raise ValueError(f"WandbLogger(id={self._fixed_id!r}) in a sweep would write every trial "
+                             "into one W&B run: drop id= (each trial gets its own run, grouped "
+                             "under the sweep's name)")
+        self._group = self._group or sweep_dir.rstrip("/").rsplit("/", 1)[-1]
+        self._run_name = self._run_name or trial_name
+        self._run_id = _stable_run_id(f"{sweep_dir.rstrip('/')}/{trial_name}")
 
     def _resolve_local_dir(self) -> str:
         if self._save_dir is not None:
