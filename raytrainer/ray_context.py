@@ -125,15 +125,17 @@ class RayTrainContext:
         return ckpt_io.latest_committed(self._cfg, self._cfg.storage_options, fit_token=self.fit_token)
 
 
-def _poll_driver(stop_source, flag: StopFlag, interval_s: float = 0.5) -> None:
-    """Rank 0: ask the driver's mailbox for a stop request until one comes (or the process ends)."""
+def _poll_driver(stop_source, flag: StopFlag, wait_s: float = 5.0, retry_s: float = 0.5) -> None:
+    """Rank 0: wait on the driver's mailbox for a stop request until one comes (or the process
+    ends). The mailbox answers as soon as the request is left there, so a Ctrl-C reaches the
+    next agreement point of poll_stop without a polling delay."""
     import ray
     while flag.reason is None:
         try:
-            reason = ray.get(stop_source.get.remote("stop"), timeout=10)
+            reason = ray.get(stop_source.wait_for_stop.remote(wait_s), timeout=wait_s + 10)
         except Exception:  # the driver is gone or slow: the worker group is torn down anyway
-            reason = None
+            time.sleep(retry_s)
+            continue
         if reason:
             flag.request(reason)
             return
-        time.sleep(interval_s)

@@ -1,5 +1,4 @@
 """Tiny module and data for the sweep tests (imported by Tune trial actors too)."""
-import os
 import time
 
 import torch

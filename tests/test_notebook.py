@@ -1,6 +1,8 @@
 """examples/notebook.ipynb executed headless with nbclient, as a person runs it in Jupyter: a
 Module and a DataModule defined in the kernel's ``__main__``, fitted in the kernel
-(launcher="local") and by 2 Ray Train workers (launcher="ray"), a checkpoint read back.
+(launcher="local") and by 2 Ray Train workers (launcher="ray"), a checkpoint read back, and a Ray
+fit interrupted with Jupyter's own interrupt (SIGINT to the kernel's process group, as the ■ button
+sends it) and resumed in the next cell.
 
 The kernel is the ``python3`` kernelspec that ipykernel's wheel installs into this venv
 (``share/jupyter/kernels/python3``, argv ``python``, which jupyter_client runs as this
@@ -10,6 +12,7 @@ it down; every process carrying this test's marker variable must be gone afterwa
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import re
@@ -24,6 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "notebook.ipynb"
+RAY_FIT, RAY_RESUME = "rt.seed_everything(0)\nray_model", "on_ray = trainer("
 MARKER = "RAYTRAINER_TEST_NOTEBOOK"   # env var naming the kernel and the Ray it starts
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -80,8 +84,28 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env[MARKER] = marker
+    runs = tmp_path / "raytrainer_runs"
+    ray_checkpoints = runs / "notebook-ray" / "checkpoints"
+    seen = {}
+
+    async def press_interrupt_once_a_checkpoint_is_committed():
+        deadline = time.monotonic() + 180
+        while not list(ray_checkpoints.glob("*/COMMIT.json")):  # the first epoch is done
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.05)
+        await client.km.interrupt_kernel()  # what Jupyter's ■ does: SIGINT to the kernel
+        seen["interrupted"] = True
+
+    def on_cell_execute(cell, cell_index):
+        if cell.source.startswith(RAY_FIT):
+            seen["task"] = asyncio.get_running_loop().create_task(press_interrupt_once_a_checkpoint_is_committed())
+        elif cell.source.startswith(RAY_RESUME):  # what the resume will find (retention may prune it later)
+            newest = sorted(p.parent for p in ray_checkpoints.glob("*/COMMIT.json"))[-1]
+            seen["newest"] = (newest.name, sorted(os.listdir(newest)))
+
     # The notebook's folder is the kernel's working directory: its runs land in tmp_path.
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3", on_cell_execute=on_cell_execute,
                                      resources={"metadata": {"path": str(tmp_path)}})
     started = time.monotonic()
     try:
@@ -99,9 +123,10 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
                 pass
     assert not left, f"processes of the notebook's kernel or Ray survived it: {left}"
 
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    interrupted_cell = _cell(nb, RAY_FIT)
+    errors = [o for c in nb.cells if c is not interrupted_cell for o in c.get("outputs", [])
+              if o.output_type == "error"]
     assert not errors, errors
-    runs = tmp_path / "raytrainer_runs"
 
     # launcher="local": the printed result, the checkpoint on disk, the bar drawn in the kernel.
     out, err = _texts(_cell(nb, "print(f\"local:"))
@@ -120,33 +145,51 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
         assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                    for o in fit_cell.outputs)
 
-    # launcher="ray": 2 workers, each half of every epoch; both ranks' state in the checkpoint.
-    fit_out, _ = _texts(_cell(nb, "rt.seed_everything(0)\nray_model"))
+    # launcher="ray", interrupted: both workers stopped at one step after the press, a committed
+    # checkpoint named in rt.Preempted, the kernel and its Ray kept.
+    fit_out, _ = _texts(interrupted_cell)
     assert "launcher=ray workers=2" in fit_out
+    assert seen.get("interrupted"), "no checkpoint of the Ray run appeared: the interrupt was never sent"
+    [error] = [o for o in interrupted_cell.outputs if o.output_type == "error"]
+    assert error.ename == "Preempted", error
+    m = re.search(r"stopped on SIGINT at step (\d+); checkpoint (\S+) committed", error.evalue)
+    assert m, error.evalue
+    stopped_at = int(m.group(1))
+    assert 12 <= stopped_at < 96, stopped_at  # after the first epoch's checkpoint, well before the end
+    print(f"interrupted after step 12's checkpoint, stopped at step {stopped_at}")
+    assert m.group(2) == str(ray_checkpoints / f"step={stopped_at:09d}")
+    # the newest when the resume started, written by both ranks (each rank's RNG and data position)
+    assert seen["newest"] == (f"step={stopped_at:09d}", ["COMMIT.json", "model.pt", "rank-00000.pt",
+                                                         "rank-00001.pt", "state.pt"])
+
+    # ...resumed in the next cell to the end: 8 epochs, each worker half of every epoch.
     out, _ = _texts(_cell(nb, "print(f\"ray:"))
     on_ray = _values(_line(out, "ray:"))
-    assert on_ray["epochs"] == 3 and on_ray["steps"] == 36
-    assert on_ray["val_acc"] >= 0.85, out
-    ckpt = runs / "notebook-ray" / "checkpoints" / "step=000000036"
-    assert _line(out, "checkpoint:") == (f"checkpoint: {ckpt} ['COMMIT.json', 'model.pt', "
-                                         "'rank-00000.pt', 'rank-00001.pt', 'state.pt']")
+    assert on_ray["epochs"] == 8 and on_ray["steps"] == 96
+    assert on_ray["val_acc"] >= 0.9, out
+    ckpt = ray_checkpoints / "step=000000096"
+    assert (f"checkpoint: {ckpt} ['COMMIT.json', 'model.pt', 'rank-00000.pt', 'rank-00001.pt', "
+            "'state.pt']") in out.splitlines()
     assert (ckpt / "COMMIT.json").is_file()
     assert (runs / "notebook-ray" / "csv" / "metrics.csv").is_file()
     assert any((runs / "notebook-ray" / "tensorboard").rglob("events.out.tfevents.*"))
 
-    # Rank 0's bar, forwarded by Ray: one whole line per epoch (no redraw fragments). A line may
+    # Rank 0's bar, forwarded by Ray: one whole line per epoch (no redraw fragments). The epoch
+    # the interrupt landed in is drawn by both runs (by the resumed one only from where it
+    # resumed; twice complete when the stop came at its last batch, before its end). A line may
     # arrive after its cell ended, so every cell from the Ray fit on is searched.
-    ray_cells = nb.cells[nb.cells.index(_cell(nb, "rt.seed_everything(0)\nray_model")):]
+    ray_cells = nb.cells[nb.cells.index(interrupted_cell):]
     forwarded = "".join(_texts(c)[1] for c in ray_cells)
-    for epoch in range(3):
-        lines = re.findall(rf"^\(RayTrainWorker pid=\d+\) Epoch {epoch}: .*$", forwarded, re.M)
-        assert len(lines) == 1 and "| 12/12 [" in lines[0] and "val_acc=" in lines[0], forwarded
+    for epoch in range(8):
+        lines = re.findall(rf"^\(RayTrainWorker pid=\d+\) Epoch {epoch}: .*\| 12/12 \[.*$", forwarded, re.M)
+        expected = (1, 2) if epoch == (stopped_at - 1) // 12 else (1,)
+        assert len(lines) in expected and "val_acc=" in lines[-1], (epoch, forwarded)
     assert "\r" not in forwarded
 
     # The checkpoint read back: the weights fit left in the model, the same validation accuracy.
     out, _ = _texts(_cell(nb, "state = rt.load_checkpoint"))
     line = _line(out, "reloaded:")
-    assert "weights_equal=True" in line and "step=36" in line
+    assert "weights_equal=True" in line and "step=96" in line
     assert _values(line)["val_acc"] == pytest.approx(on_ray["val_acc"], abs=1e-4)
 
     # Nothing about missing ipywidgets: the widget is optional (raytrainer/callbacks/progress.py).
