@@ -57,8 +57,11 @@ class Net(rt.Module):
             # machine finishes the last steps before the node is gone, and nothing is resumed.
             drained = os.path.exists(os.path.join(self.marker_dir, "drain-my-node"))
             seen = os.path.exists(os.path.join(self.marker_dir, "jit-checkpoint"))
-            if drained and not seen:
-                time.sleep(4)
+            if drained and not seen:  # slow steps (up to 4 s each) until the checkpoint is seen
+                jit = os.path.join(self.marker_dir, "jit-checkpoint")
+                deadline = time.monotonic() + 4
+                while time.monotonic() < deadline and not os.path.exists(jit):
+                    time.sleep(0.05)
             elif seen and self.global_rank == 1 and _on_drained_node(self.marker_dir):
                 time.sleep(60)
             else:
