@@ -7,6 +7,7 @@ optimization calls go to it. The Run never decides *when* anything happens — t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -314,6 +315,8 @@ class Run:
         # Each rank resumes its own RNG streams; with a different world size, rank 0's.
         rank_state = rank_states.get(self.ctx.global_rank, rank_states.get(0))
         self.epoch_data_state = rank_state["epoch_data_state"]
+        if len(rank_states) != self.ctx.world_size:
+            self._resume_on_another_world_size(len(rank_states))
         self.last_saved_position = self.position()
         if self.epoch_finished:
             # The next epoch starts fresh: its RNG capture must see the saved state.
@@ -324,6 +327,27 @@ class Run:
             self.resume_rng = None
         else:
             self.resume_rng = rank_state["rng"]  # restored after the epoch's iterator is rebuilt
+
+
+    def _resume_on_another_world_size(self, saved: int) -> None:
+        """A checkpoint of ``saved`` workers resumed on a different number. Mid-epoch, the
+        position is kept in *samples*: each of the ``saved`` ranks had taken ``batches_done``
+        batches, so the new ranks skip as many as cover the same count (with a DistributedSampler
+        on both sides, exactly the same samples: its shards interleave one global order). Keeping
+        the per-rank count would retrain or skip part of the epoch."""
+        world = self.ctx.world_size
+        mapped = self.batches_done * saved // world
+        if self.ctx.global_rank == 0:
+            where = (f"epoch {self.current_epoch} resumes after {mapped} batches per worker "
+                     f"({self.batches_done} x {saved} saved), so the samples already trained on are "
+                     "not repeated" if self.batches_done and not self.epoch_finished
+                     else "it was saved at an epoch boundary")
+            warnings.warn(f"resuming a checkpoint written by {saved} worker(s) on {world}: weights, "
+                          f"optimizer state and counters are restored exactly; {where}. Data order "
+                          f"and RNG streams differ from a {saved}-worker run, so the result is not "
+                          f"bit-identical to one", stacklevel=2)
+        if not self.epoch_finished:
+            self.batches_done = mapped
 
 
 class _Hooks:

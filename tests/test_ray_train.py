@@ -122,11 +122,16 @@ def _check_sharded_checkpoint(tmp_path, uri, committed, data):
         blob = (folder / name).read_bytes()
         assert files[name] == {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
     at_start = WeightsAtTrainStart()
-    result = rt.Trainer(launcher="local", max_epochs=2, seed=0, storage_path=str(tmp_path / "local"), name="l",
-                        logger=False, enable_progress_bar=False, callbacks=[at_start]).fit(Recorder(), data, ckpt_path=uri)
+    alone = Recorder()
+    with pytest.warns(UserWarning, match=r"written by 2 worker\(s\) on 1: .* epoch 1 resumes after 8 batches per worker \(4 x 2 saved\)"):
+        result = rt.Trainer(launcher="local", max_epochs=3, seed=0, storage_path=str(tmp_path / "local"), name="l",
+                            logger=False, enable_progress_bar=False, callbacks=[at_start]).fit(alone, data, ckpt_path=uri)
     assert all(torch.equal(v, committed[k]) for k, v in at_start.weights.items())
-    # step 8 was batch 4 of epoch 1's 4 on two ranks; alone, the epoch has 8 batches: 4 more
-    assert result.global_step == 12
+    # Step 8 was batch 4 of epoch 1's 4 on each of two ranks: all 64 samples of epoch 1 were
+    # trained on. Alone (8 batches an epoch) epoch 1 is therefore over — counting per rank would
+    # have retrained 4 of its batches — and epoch 2 runs whole: every sample once, steps 9..16.
+    assert result.global_step == 16
+    assert sorted(alone.seen) == list(range(64))
 
 
 class WeightsAtTrainStart(rt.Callback):
