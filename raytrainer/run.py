@@ -328,19 +328,20 @@ class Run:
         else:
             self.resume_rng = rank_state["rng"]  # restored after the epoch's iterator is rebuilt
 
-
     def _resume_on_another_world_size(self, saved: int) -> None:
         """A checkpoint of ``saved`` workers resumed on a different number. Mid-epoch, the
         position is kept in *samples*: each of the ``saved`` ranks had taken ``batches_done``
-        batches, so the new ranks skip as many as cover the same count (with a DistributedSampler
-        on both sides, exactly the same samples: its shards interleave one global order). Keeping
-        the per-rank count would retrain or skip part of the epoch."""
+        batches, so the new ranks skip as many as cover the same count (rounded down), and the
+        epoch ends after as many samples as it would have. With a DistributedSampler on both sides
+        (several workers each) the skipped samples are exactly those trained on: its shards
+        interleave one global order. Keeping the per-rank count would retrain or skip part of
+        the epoch."""
         world = self.ctx.world_size
         mapped = self.batches_done * saved // world
         if self.ctx.global_rank == 0:
             where = (f"epoch {self.current_epoch} resumes after {mapped} batches per worker "
-                     f"({self.batches_done} x {saved} saved), so the samples already trained on are "
-                     "not repeated" if self.batches_done and not self.epoch_finished
+                     f"({self.batches_done} x {saved} saved): as many samples as were already "
+                     "trained on" if self.batches_done and not self.epoch_finished
                      else "it was saved at an epoch boundary")
             warnings.warn(f"resuming a checkpoint written by {saved} worker(s) on {world}: weights, "
                           f"optimizer state and counters are restored exactly; {where}. Data order "
