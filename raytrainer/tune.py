@@ -11,9 +11,12 @@ Trial checkpoints and logs go to ``{storage_path}/{name}/trial_<id>/`` (Tune's o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
+import signal
+import threading
 from typing import Any
 
 from raytrainer.config import ConfigError
@@ -101,7 +104,8 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     shape = f"{workers} workers, " if workers > 1 else ""
     print(f"[raytrainer] sweep: {num_samples} trial(s) x {shape}{per_trial} each, {concurrent} at once, "
           f"scheduler={_name(scheduler)}, metric={metric} ({mode}), dir={sweep_dir}", flush=True)
-    grid = tuner.fit()
+    with _signal_handlers_restored():
+        grid = tuner.fit()
     # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
     # say it finished: reaching max_t counts as completed.
     completes_at = getattr(tune_scheduler, "_max_t", None)
@@ -109,6 +113,23 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     if verbose:
         print(result.summary(), flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _signal_handlers_restored():
+    """Tune installs SIGINT/SIGUSR1 handlers for its run and leaves them installed: after a sweep,
+    Ctrl-C in the same process (a notebook, a script that goes on to fit) would only log "ending
+    Ray Tune run". Put back what was there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {s: signal.getsignal(s) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _validate(module, data, trainer, search_space, metric, mode, num_samples) -> None:

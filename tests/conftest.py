@@ -59,7 +59,10 @@ def s3_env(s3_server, monkeypatch):
 # ---------------------------------------------------------------- order
 
 def pytest_collection_modifyitems(session, config, items):
-    """The multi-node simulation runs first, before any test starts the session's Ray: its own
-    4-node cluster then has the 2 cores to itself (measured 80-90 s alone, 115 s beside an idle
+    """Tests that start a Ray of their own (a simulated multi-node cluster, a `ray start` head, a
+    notebook kernel's, a subprocess's) run first, before any test starts the session's Ray: they
+    then have the 2 cores to themselves (the multi-node job: 80-90 s alone, 115 s beside an idle
     session Ray). The rest keeps its order (a stable sort)."""
-    items.sort(key=lambda item: item.path.name != "test_multinode.py")
+    def own_ray_first(item) -> bool:
+        return not (item.get_closest_marker("ray") and "ray_cluster" not in item.fixturenames)
+    items.sort(key=own_ray_first)
