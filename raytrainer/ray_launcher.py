@@ -188,6 +188,19 @@ def _unpack_error(err: dict) -> BaseException:
     return exc
 
 
+def worker_layout(cfg, stage: str, cluster_gpus: int) -> tuple[bool, int]:
+    """``(use_gpu, num_workers)`` for ``Trainer(accelerator, devices)`` on a cluster with
+    ``cluster_gpus`` GPUs: devices="auto" is every GPU of the cluster when the workers use GPUs,
+    else one worker."""
+    if cfg.accelerator == "gpu" and cluster_gpus == 0:
+        raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
+    use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cluster_gpus > 0)
+    num_workers = cfg.devices if cfg.devices != "auto" else (cluster_gpus if use_gpu else 1)
+    if stage == "predict":
+        num_workers = 1  # predictions come back in order from one worker
+    return use_gpu, num_workers
+
+
 def _resources(cfg, use_gpu: bool, num_workers: int, has_datasets: bool) -> dict:
     if cfg.resources_per_worker is not None:
         res = dict(cfg.resources_per_worker)
@@ -212,14 +225,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, ckpt_path
 
     cfg = trainer.cfg
     ensure_ray()
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if cfg.accelerator == "gpu" and gpus == 0:
-        raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
-    use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and gpus > 0)
-    num_workers = cfg.devices if cfg.devices != "auto" else (gpus if use_gpu else 1)
-    if stage == "predict":
-        num_workers = 1  # predictions come back in order from one worker
+    use_gpu, num_workers = worker_layout(cfg, stage, int(ray.cluster_resources().get("GPU", 0)))
     datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders)
     per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
     print_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "

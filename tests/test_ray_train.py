@@ -46,6 +46,17 @@ class Recorder(rt.Module):
         self.log("rank_local", float(self.global_rank), on_step=False, on_epoch=True)
         return loss
 
+    def prepare_data(self):
+        self._note("prepare_data")
+
+    def setup(self, stage):
+        self._note("setup")
+
+    def _note(self, hook):
+        if self.out_dir:  # one line per call, from whichever worker process made it
+            with open(os.path.join(self.out_dir, f"{hook}.calls"), "a") as f:
+                f.write(f"{os.getpid()} {self.global_rank}\n")
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.kill_at is not None and self.global_rank == 1 and self.global_step == self.kill_at:
             marker = os.path.join(self.out_dir, "killed")
@@ -77,6 +88,10 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_and_weights(ray_cluster,
     assert r0["steps"] == r1["steps"] == result.global_step == 4  # 32 samples per rank / 8
     assert result.metrics["rank_mean"] == pytest.approx(0.5)  # sync_dist: global mean of 0 and 1
     assert result.metrics["rank_local"] == 0.0                 # rank 0's own value
+    # prepare_data once per node (one node here), setup in each worker process
+    assert len((tmp_path / "prepare_data.calls").read_text().splitlines()) == 1
+    setups = (tmp_path / "setup.calls").read_text().splitlines()
+    assert sorted(line.split()[1] for line in setups) == ["0", "1"] and len({line.split()[0] for line in setups}) == 2
     committed = rt.load_checkpoint(result.last_checkpoint)["state_dict"]
     for k, v in model.state_dict().items():  # the caller's model holds the final weights
         assert torch.equal(v, committed[k])

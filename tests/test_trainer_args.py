@@ -456,3 +456,26 @@ def test_iterable_loader_rejects_a_fractional_train_limit(tmp_path):
     model = LinearModel()
     make_trainer(tmp_path, limit_train_batches=2).fit(model, stream)
     assert model.train_calls == 2
+
+
+# ---------------------------------------------------------------- devices / accelerator (Ray workers)
+
+@pytest.mark.parametrize("kw, stage, gpus, layout", [
+    ({}, "fit", 4, (True, 1)),                                          # default: one worker
+    ({"devices": "auto"}, "fit", 0, (False, 1)),                        # auto on CPUs: one worker
+    ({"devices": "auto"}, "fit", 4, (True, 4)),                         # auto with GPUs: all of them
+    ({"devices": "auto", "accelerator": "gpu"}, "fit", 2, (True, 2)),
+    ({"devices": "auto", "accelerator": "cpu"}, "fit", 4, (False, 1)),  # GPUs there, not wanted
+    ({"accelerator": "cpu", "devices": 3}, "fit", 0, (False, 3)),
+    ({"accelerator": "gpu", "devices": 1}, "fit", 8, (True, 1)),
+    ({"devices": 2}, "predict", 0, (False, 1)),                          # predictions in order: one
+])
+def test_devices_and_accelerator_resolve_to_ray_workers(kw, stage, gpus, layout):
+    from raytrainer.ray_launcher import worker_layout
+    assert worker_layout(rt.Trainer(**kw).cfg, stage, gpus) == layout
+
+
+def test_accelerator_gpu_on_a_cluster_without_gpus_names_the_fix():
+    from raytrainer.ray_launcher import worker_layout
+    with pytest.raises(rt.ConfigError, match=r"the Ray cluster has no GPU; use accelerator='cpu' or 'auto'"):
+        worker_layout(rt.Trainer(accelerator="gpu").cfg, "fit", 0)
