@@ -148,6 +148,11 @@ def main(tmp):
     # Run from the test suite, this process inherits the session's embedded-Ray setting that
     # turns the watcher off (one node: nothing to preempt); a cluster needs it on.
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
+    # A removed node is declared dead after missed health checks: 5 x 3 s by default, during
+    # which the restarted workers can be placed on the dead node and wait. 3 x 1 s here (a dead
+    # raylet refuses the check at once; a live one answers in milliseconds).
+    os.environ["RAY_health_check_period_ms"] = "1000"
+    os.environ["RAY_health_check_failure_threshold"] = "3"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(3):
         cluster.add_node(num_cpus=1)
