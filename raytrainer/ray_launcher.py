@@ -40,6 +40,17 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="IProgress not found")
     import ray
 
+
+def _not_token_auth_notice(record: logging.LogRecord) -> bool:
+    """Every new local Ray (2.60) turns token authentication on and logs a WARNING saying so:
+    good news, not a problem, on each embedded start. Dropped; its other messages (auth disabled,
+    token missing) still show. Naming the mode instead (RAY_AUTH_MODE=token) is not the same:
+    then Ray does not write the token its own processes read, and they cannot connect."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_auth_notice)
+
 FAST_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  # A driver blocked in ray.get checks for signals this often (Ray: 1000 ms). A
                  # signal landing on another thread, as a Jupyter kernel's interrupt does, waited up

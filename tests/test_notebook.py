@@ -195,3 +195,5 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
     # Nothing about missing ipywidgets: the widget is optional (raytrainer/callbacks/progress.py).
     everything = "".join("".join(_texts(c)) for c in nb.cells if c.cell_type == "code")
     assert "IProgress not found" not in everything and "Missing packages" not in everything
+    # Quiet by default: no log line of Ray's (its start, the Ctrl-C, the shutdown) reaches the user.
+    assert not re.search(r"\b(WARNING|ERROR)\b", everything), everything
