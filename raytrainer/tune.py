@@ -104,7 +104,7 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     shape = f"{workers} workers, " if workers > 1 else ""
     print(f"[raytrainer] sweep: {num_samples} trial(s) x {shape}{per_trial} each, {concurrent} at once, "
           f"scheduler={_name(scheduler)}, metric={metric} ({mode}), dir={sweep_dir}", flush=True)
-    with _signal_handlers_restored():
+    with _signal_handlers_restored(), _tune_restore_notice_dropped():
         grid = tuner.fit()
     # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
     # say it finished: reaching max_t counts as completed.
@@ -130,6 +130,26 @@ def _signal_handlers_restored():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _tune_restore_notice_dropped():
+    """When PBT restarts a trial from a checkpoint, Tune's result loggers first try to fetch the
+    trial's result.json / progress.csv from storage, where they are synced only at the trial's
+    end, and log a WARNING per file and restore ("Remote file not found"). The local files they
+    append to are untouched (the metric curves stay whole: tests/test_sweep.py), so for the user
+    it is noise. Dropped during the sweep only."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Remote file not found: ")
+
+    tune_loggers = logging.getLogger("ray.tune.logger.logger")
+    tune_loggers.addFilter(keep)
+    try:
+        yield
+    finally:
+        tune_loggers.removeFilter(keep)
 
 
 def _validate(module, data, trainer, search_space, metric, mode, num_samples) -> None:

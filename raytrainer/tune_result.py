@@ -18,7 +18,8 @@ class TrialResult:
     checkpoint: str | None           # the trial's best (else newest) committed checkpoint
     run_dir: str
     metrics: dict = field(default_factory=dict)      # last reported metrics
-    history: list[float] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)  # the metric at each report...
+    history_iterations: list[int] = field(default_factory=list)  # ...and its training_iteration
     error: str | None = None
     restores: list[str] = field(default_factory=list)  # checkpoints it was restored from (PBT)
 
@@ -51,7 +52,9 @@ class SweepResult:
         for t in self.trials:
             if not t.history:
                 continue
-            xs = list(range(1, len(t.history) + 1))
+            # A PBT exploiter continues at the iteration of the donor's checkpoint: its curve
+            # jumps there (ahead or back), as in Tune's own metrics_dataframe plots.
+            xs = t.history_iterations or list(range(1, len(t.history) + 1))
             is_best = self.best is not None and t.trial_id == self.best.trial_id
             line, = ax.plot(xs, t.history, lw=2.5 if is_best else 1.2,
                             label=f"{t.trial_id} {_fmt_config(t.config)} ({t.status})" + (" best" if is_best else ""))
@@ -102,7 +105,10 @@ def build_sweep_result(grid, metric: str, mode: str, sweep_dir: str, storage_opt
         trial_id = r.path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")  # see tune._trial_dirname
         run_dir = f"{sweep_dir}/trial_{trial_id}"
         df = r.metrics_dataframe
-        history = [float(x) for x in df[metric].dropna()] if df is not None and metric in df else []
+        reported = df[df[metric].notna()] if df is not None and metric in df else None
+        history = [] if reported is None else [float(x) for x in reported[metric]]
+        history_iterations = ([] if reported is None or "training_iteration" not in reported
+                              else [int(i) for i in reported["training_iteration"]])
         summary = read_trial_summary(run_dir, storage_options)
         iterations = int(metrics.get("training_iteration", len(history)))
         if r.error is not None:
@@ -121,6 +127,7 @@ def build_sweep_result(grid, metric: str, mode: str, sweep_dir: str, storage_opt
             trial_id=trial_id, config=dict(r.config or {}), status=status, metric=metric,
             last=history[-1] if history else None, best=best, iterations=iterations,
             checkpoint=checkpoint, run_dir=run_dir, metrics=metrics, history=history,
+            history_iterations=history_iterations,
             error=None if r.error is None else _error_text(r.error),
             restores=list((summary or {}).get("restores", []))))
     trials.sort(key=lambda t: t.trial_id)

@@ -1,6 +1,7 @@
 """rt.sweep on a real Ray Tune: ASHA early stopping, errored trials, PBT exploits, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_asha_sweep_stops_bad_trials_and_survives_a_crashing_one(ray_cluster, tm
     assert len(list((tmp_path / "asha").glob("trial_*/tensorboard/events.out.tfevents.*"))) >= len(lrs) - 1
 
 
-def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path):
+def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path, capfd):
     """...and the exploiting trial keeps logging to its own W&B and MLflow runs (grouped under the
     sweep), never the donor's: the donor's checkpoint brings weights, not run identities."""
     pytest.importorskip("wandb")
@@ -70,6 +71,14 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path)
         assert t.checkpoint.startswith(str(tmp_path / "pbt" / f"trial_{t.trial_id}"))  # ...in its own dir
     for t in result.trials:  # and nobody deleted anybody's checkpoints
         assert rt.load_checkpoint(t.checkpoint)["global_step"] > 0
+        # its curve, each point at its training_iteration: an exploiter's continues from the
+        # iteration of the donor's checkpoint (ahead of or behind its own), as Tune counts it
+        assert len(t.history_iterations) == len(t.history) and t.history_iterations[-1] == t.iterations == 8
+        if not any(e is t for e, _ in exploits):
+            assert t.history_iterations == list(range(1, 9))
+    # quiet: no log line of Tune's about its restores (nor anything else) reaches the user
+    printed = capfd.readouterr()
+    assert not re.search(r"\b(WARNING|ERROR)\b", printed.out + printed.err), printed
 
     # W&B: every (re)start of a trial wrote to that trial's one run, in the sweep's group.
     ids = {}
