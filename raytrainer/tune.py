@@ -136,9 +136,9 @@ def _signal_handlers_restored():
 def _tune_restore_notice_dropped():
     """When PBT restarts a trial from a checkpoint, Tune's result loggers first try to fetch the
     trial's result.json / progress.csv from storage, where they are synced only at the trial's
-    end, and log a WARNING per file and restore ("Remote file not found"). The local files they
-    append to are untouched (the metric curves stay whole: tests/test_sweep.py), so for the user
-    it is noise. Dropped during the sweep only."""
+    end, and log a WARNING per file and restore ("Remote file not found"). The copy fails before
+    it touches the local files they append to (each trial's curve still runs to its last
+    iteration: tests/test_sweep.py), so for the user it is noise. Dropped during the sweep only."""
     import logging
 
     def keep(record: logging.LogRecord) -> bool:
