@@ -21,7 +21,7 @@ import time
 import traceback
 import uuid
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from raytrainer import storage
@@ -41,15 +41,21 @@ with warnings.catch_warnings():
     import ray
 
 
-def _not_token_auth_notice(record: logging.LogRecord) -> bool:
-    """Every new local Ray (2.60) turns token authentication on and logs a WARNING saying so:
-    good news, not a problem, on each embedded start. Dropped; its other messages (auth disabled,
-    token missing) still show. Naming the mode instead (RAY_AUTH_MODE=token) is not the same:
-    then Ray does not write the token its own processes read, and they cannot connect."""
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+@contextmanager
+def log_notice_dropped(logger_name: str, prefix: str):
+    """Drop the records of ``logger_name`` that start with ``prefix`` for the duration: a notice
+    of Ray's that is noise to our users, silenced around the one call that emits it (a user's
+    own Ray calls keep it)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
 
+    log = logging.getLogger(logger_name)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
-logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_auth_notice)
 
 FAST_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  # A driver blocked in ray.get checks for signals this often (Ray: 1000 ms). A
@@ -73,8 +79,13 @@ def ensure_ray() -> bool:
     # Actors of an embedded Ray (Tune trials, Train workers) import the driver's modules —
     # scripts, tests, notebooks — from the driver's path.
     runtime_env = None if address else {"env_vars": {"PYTHONPATH": _driver_pythonpath()}}
-    ray.init(address=address, include_dashboard=None if address else True,
-             logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
+    # A new local Ray (2.60) turns token authentication on and logs a WARNING saying so on every
+    # start: good news, not a problem. Dropped; auth stays on. (RAY_AUTH_MODE=token instead is not
+    # the same: Ray then writes no token for its own processes and they cannot connect.)
+    with log_notice_dropped("ray._private.authentication.authentication_token_setup",
+                            "Token authentication is enabled for this Ray cluster"):
+        ray.init(address=address, include_dashboard=None if address else True,
+                 logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
     try:
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = False

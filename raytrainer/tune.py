@@ -46,7 +46,7 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     from ray import tune
 
     from raytrainer import storage
-    from raytrainer.ray_launcher import ensure_ray
+    from raytrainer.ray_launcher import ensure_ray, log_notice_dropped
     from raytrainer.tune_result import build_sweep_result
     from raytrainer.tune_trial import run_trial
 
@@ -104,7 +104,11 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     shape = f"{workers} workers, " if workers > 1 else ""
     print(f"[raytrainer] sweep: {num_samples} trial(s) x {shape}{per_trial} each, {concurrent} at once, "
           f"scheduler={_name(scheduler)}, metric={metric} ({mode}), dir={sweep_dir}", flush=True)
-    with _signal_handlers_restored(), _tune_restore_notice_dropped():
+    # On a PBT restore Tune's result loggers fetch the trial's result.json / progress.csv from
+    # storage, where they are synced only at the trial's end, and log a WARNING per file
+    # ("Remote file not found"). The copy fails before it touches the local files they append to
+    # (each trial's curve still runs to its last iteration: tests/test_sweep.py): noise.
+    with _signal_handlers_restored(), log_notice_dropped("ray.tune.logger.logger", "Remote file not found: "):
         grid = tuner.fit()
     # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
     # say it finished: reaching max_t counts as completed.
@@ -130,26 +134,6 @@ def _signal_handlers_restored():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def _tune_restore_notice_dropped():
-    """When PBT restarts a trial from a checkpoint, Tune's result loggers first try to fetch the
-    trial's result.json / progress.csv from storage, where they are synced only at the trial's
-    end, and log a WARNING per file and restore ("Remote file not found"). The copy fails before
-    it touches the local files they append to (each trial's curve still runs to its last
-    iteration: tests/test_sweep.py), so for the user it is noise. Dropped during the sweep only."""
-    import logging
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Remote file not found: ")
-
-    tune_loggers = logging.getLogger("ray.tune.logger.logger")
-    tune_loggers.addFilter(keep)
-    try:
-        yield
-    finally:
-        tune_loggers.removeFilter(keep)
 
 
 def _validate(module, data, trainer, search_space, metric, mode, num_samples) -> None:
