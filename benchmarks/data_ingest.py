@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from raytrainer.ray_launcher import ensure_ray
+    from raytrainer.runtime.cluster import ensure_ray
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--batch", type=int, default=1024)

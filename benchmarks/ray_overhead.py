@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 100, 1
-    from raytrainer.ray_launcher import ensure_ray
+    from raytrainer.runtime.cluster import ensure_ray
     t0 = time.time()
     ensure_ray()  # the same fast settings for both contenders (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
     init_s = time.time() - t0

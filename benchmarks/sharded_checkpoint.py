@@ -20,7 +20,6 @@ import socket
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 
 def _rank(rank: int, port: int, mode: str, width: int, layers: int, root: str, out: str) -> None:
@@ -28,21 +27,20 @@ def _rank(rank: int, port: int, mode: str, width: int, layers: int, root: str, o
     import torch.distributed as dist
     from torch import nn
 
-    from raytrainer import checkpoint as ckpt_io
-    from raytrainer.checkpoint_writer import CheckpointWriter
-    from raytrainer.strategy import FSDP2Strategy
+    from raytrainer.checkpoint import store as ckpt_io
+    from raytrainer.checkpoint.writer import CheckpointWriter
+    from raytrainer.loop.strategy import FSDP2Strategy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    run = SimpleNamespace(module=nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]),
-                          device=torch.device("cpu"), optimizers=[])
-    strategy = FSDP2Strategy(run, sharded=mode == "sharded")
+    module = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    strategy = FSDP2Strategy(module, torch.device("cpu"), sharded=mode == "sharded")
     strategy.setup()
-    run.optimizers = [torch.optim.Adam(run.module.parameters(), lr=1e-3)]
+    strategy.set_optimizers([torch.optim.Adam(module.parameters(), lr=1e-3)])
     strategy.step_fn("forward")(torch.randn(2, width)).sum().backward()
-    run.optimizers[0].step()
+    strategy.optimizers[0].step()
 
     class Ctx:
         global_rank = rank

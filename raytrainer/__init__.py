@@ -1,21 +1,25 @@
 """raytrainer: Lightning-style training loops that scale out on Ray Train and sweep on Ray Tune.
 
-The public surface (see DESIGN.md): Module, DataModule, Trainer, FitResult, RayDataLoader,
-Callback, callbacks, loggers, seed_everything.
+The public surface (DESIGN.md): Module (LightningModule), DataModule, Trainer, FitResult,
+RayDataLoader, FSDPStrategy, Callback, callbacks, loggers, sweep and tune (search spaces),
+load_checkpoint, seed_everything, and the exceptions raytrainer raises on purpose.
+
+Where things live: trainer.py, module.py, data.py, config.py, errors.py at the top; loop/ (the
+one training loop, never imports ray), checkpoint/, runtime/ (in this process, or on Ray Train
+workers), tune/ (sweeps), cli/, callbacks/, loggers/.
 """
 from raytrainer import callbacks, loggers
 from raytrainer.callbacks import Callback
-from raytrainer.checkpoint import CheckpointError
-from raytrainer.checkpoint import load as load_checkpoint
-from raytrainer.checkpoint_writer import CheckpointUploadError
-from raytrainer.config import ConfigError
+from raytrainer.checkpoint.store import load as load_checkpoint
 from raytrainer.data import DataModule, RayDataLoader
+from raytrainer.errors import (CheckpointError, CheckpointUploadError, ConfigError, NonFiniteLossError,
+                               Preempted)
+from raytrainer.loop.strategy import FSDPStrategy
 from raytrainer.module import Module
 from raytrainer.result import FitResult
-from raytrainer.preemption import Preempted
-from raytrainer.run import NonFiniteLossError
-from raytrainer.strategy import FSDPStrategy
 from raytrainer.trainer import Trainer
+from raytrainer import tune  # rt.tune.loguniform(...): Tune's helpers, imported from Ray when used
+from raytrainer.tune.sweep import sweep
 from raytrainer.utilities import seed_everything
 
 LightningModule = Module          # so a Lightning module needs only its import changed
@@ -26,14 +30,3 @@ __all__ = ["Module", "LightningModule", "DataModule", "LightningDataModule", "Tr
            "load_checkpoint", "CheckpointError", "CheckpointUploadError", "NonFiniteLossError", "Preempted",
            "sweep", "tune"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # rt.tune and rt.sweep import ray.tune (seconds): only when used.
-    if name == "tune":
-        import importlib
-        return importlib.import_module("raytrainer.tune")
-    if name == "sweep":
-        from raytrainer.tune import sweep
-        return sweep
-    raise AttributeError(f"module 'raytrainer' has no attribute {name!r}")

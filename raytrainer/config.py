@@ -1,7 +1,11 @@
-"""TrainerConfig: every Trainer argument, validated once, frozen.
+"""TrainerConfig: every Trainer argument and its default, in one place; validated once, frozen.
 
-Errors name the argument, the value given, and what is allowed, and are raised in
-``Trainer.__init__`` — before any data is loaded or any cluster is started.
+``Trainer.__init__`` spells the same arguments out (its signature is the documentation users
+read, with these defaults; a test checks that the two agree). Errors name the argument, the
+value given, and what is allowed, and are raised in ``Trainer.__init__`` — before any data is
+loaded or any cluster is started. After validation every field holds its resolved value
+(``max_epochs=None`` -> 1000 or -1, ``precision=16`` -> "16-mixed", ``name=None`` -> a timestamp);
+``given`` keeps the arguments as they were passed (a sweep builds each trial's Trainer from them).
 """
 from __future__ import annotations
 
@@ -11,8 +15,12 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from raytrainer.checkpoint_writer import RetryPolicy
-from raytrainer.precision import normalize_precision
+from raytrainer import storage
+from raytrainer.checkpoint.writer import RetryPolicy
+from raytrainer.errors import ConfigError
+from raytrainer.loop.precision import normalize_precision
+from raytrainer.loop.strategy import FSDPStrategy
+from raytrainer.profiler import check_profiler_spec
 
 ACCELERATORS = ("cpu", "gpu", "auto")
 STRATEGIES = ("ddp", "fsdp", "fsdp_sharded", "auto")
@@ -22,55 +30,54 @@ DEFAULT_STORAGE_PATH = "./raytrainer_runs"
 DEFAULT_MAX_EPOCHS = 1000  # Lightning's default when neither max_epochs nor max_steps is set
 
 
-class ConfigError(ValueError):
-    """A Trainer/sweep argument is invalid. The message names the argument and the fix."""
-
-
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_epochs: int = -1
+    max_epochs: int | None = None   # None: 1000, or unlimited when max_steps is set (Lightning)
     max_steps: int = -1
     accelerator: str = "auto"
     devices: int | str = 1
-    strategy: str = "ddp"  # "ddp" | "fsdp" | "fsdp_sharded" (an rt.FSDPStrategy arrives as its name)
-    precision: str = "32-true"
+    strategy: Any = "ddp"           # "ddp" | "fsdp" | "fsdp_sharded" | rt.FSDPStrategy (kept as its name)
+    precision: Any = "32-true"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
-    val_check_interval: float | int = 1.0
+    val_check_interval: float | int | None = 1.0
     check_val_every_n_epoch: int | None = 1
     log_every_n_steps: int = 50
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
     limit_test_batches: int | float | None = None
     limit_predict_batches: int | float | None = None
-    fast_dev_run: int = 0
+    fast_dev_run: bool | int = False
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
     async_checkpoint: bool = True
-    checkpoint_retry: RetryPolicy = RetryPolicy()
+    checkpoint_retry: Any = None    # None: RetryPolicy(); a RetryPolicy; or a dict of its fields
     seed: int | None = None
     deterministic: bool = False
-    storage_path: str = DEFAULT_STORAGE_PATH
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    name: str = ""
+    storage_path: str | None = None  # None: ./raytrainer_runs
+    storage_options: Mapping[str, Any] | None = None
+    name: str | None = None          # None: run-<timestamp>
     launcher: str = "ray"
     max_failures: int = 0
     resources_per_worker: Mapping[str, float] | None = None
-    profiler: Any = None  # None | "simple" | "pytorch" | a raytrainer.profiler.SimpleProfiler
+    profiler: Any = None             # None | "simple" | "pytorch" | a raytrainer.profiler.SimpleProfiler
+    given: Mapping[str, Any] = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        for key, value in _resolve(**given).items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "given", given)
 
     @property
     def run_dir(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
-    def replace(self, **changes: Any) -> "TrainerConfig":
-        return dataclasses.replace(self, **changes)
-
     def describe(self) -> dict[str, Any]:
         """The resolved values, for the start-of-run printout (never storage_options: secrets)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("storage_options")
-        return d
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.init and f.name != "storage_options"}
 
 
 def _fail(arg: str, value: Any, allowed: str) -> ConfigError:
@@ -107,7 +114,7 @@ def _retry_policy(value: Any) -> RetryPolicy:
     a dict of its fields (what a YAML config gives), e.g. {'attempts': 3, 'base_delay_s': 0.1}."""
     if value is None:
         return RetryPolicy()
-    allowed = ("expected None, a raytrainer.checkpoint_writer.RetryPolicy or a dict with keys attempts "
+    allowed = ("expected None, a raytrainer.checkpoint.writer.RetryPolicy or a dict with keys attempts "
                "(int >= 1), base_delay_s and max_delay_s (numbers >= 0)")
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - {"attempts", "base_delay_s", "max_delay_s"})
@@ -126,7 +133,6 @@ def _retry_policy(value: Any) -> RetryPolicy:
 def _strategy(value: Any) -> str:
     """A strategy name; ``rt.FSDPStrategy(state_dict_type=...)`` becomes "fsdp" or "fsdp_sharded"
     (plain strings pickle to Ray workers and print in the resolved config)."""
-    from raytrainer.strategy import FSDPStrategy
     if isinstance(value, FSDPStrategy):
         return value.name
     if not isinstance(value, str) or value not in STRATEGIES:
@@ -135,20 +141,12 @@ def _strategy(value: Any) -> str:
     return "ddp" if value == "auto" else value
 
 
-def _profiler(value: Any) -> Any:
-    from raytrainer.profiler import PROFILERS, SimpleProfiler
-    if value is None or isinstance(value, SimpleProfiler) or (isinstance(value, str) and value in PROFILERS):
-        return value
-    raise _fail("profiler", value, f"expected None, one of {list(PROFILERS)}, or a "
-                                   "raytrainer.profiler.SimpleProfiler / PyTorchProfiler instance")
-
-
-def build_config(**kw: Any) -> TrainerConfig:
-    """Validate raw Trainer arguments into a TrainerConfig."""
-    max_steps = _int("max_steps", kw.get("max_steps", -1), -1, "expected -1 (no limit) or an int >= 1")
+def _resolve(**kw: Any) -> dict[str, Any]:
+    """Validate raw Trainer arguments; their resolved values by name."""
+    max_steps = _int("max_steps", kw["max_steps"], -1, "expected -1 (no limit) or an int >= 1")
     if max_steps == 0:
         raise _fail("max_steps", 0, "expected -1 (no limit) or an int >= 1")
-    max_epochs = kw.get("max_epochs")
+    max_epochs = kw["max_epochs"]
     if max_epochs is None:
         max_epochs = DEFAULT_MAX_EPOCHS if max_steps == -1 else -1
     max_epochs = _int("max_epochs", max_epochs, -1, "expected None, -1 (no limit) or an int >= 1")
@@ -157,68 +155,68 @@ def build_config(**kw: Any) -> TrainerConfig:
     if max_epochs == -1 and max_steps == -1:
         raise ConfigError("Trainer(max_epochs=-1, max_steps=-1) would train forever: set one of them")
 
-    accelerator = _choice("accelerator", kw.get("accelerator", "auto"), ACCELERATORS)
-    devices = kw.get("devices", 1)
+    accelerator = _choice("accelerator", kw["accelerator"], ACCELERATORS)
+    devices = kw["devices"]
     if devices != "auto":
         devices = _int("devices", devices, 1, "expected 'auto' or an int >= 1 (the number of training workers)")
-    strategy = _strategy(kw.get("strategy", "ddp"))
+    strategy = _strategy(kw["strategy"])
     try:
-        precision = normalize_precision(kw.get("precision", "32-true"))
+        precision = normalize_precision(kw["precision"])
     except ValueError as e:
         raise ConfigError(f"Trainer(precision=...): {e}") from None
 
-    accumulate = _int("accumulate_grad_batches", kw.get("accumulate_grad_batches", 1), 1)
-    clip_val = kw.get("gradient_clip_val")
+    accumulate = _int("accumulate_grad_batches", kw["accumulate_grad_batches"], 1)
+    clip_val = kw["gradient_clip_val"]
     if clip_val is not None:
         if isinstance(clip_val, bool) or not isinstance(clip_val, numbers.Real) or clip_val < 0:
             raise _fail("gradient_clip_val", clip_val, "expected None or a number >= 0")
         clip_val = float(clip_val) or None  # 0 means off, as in Lightning
-    clip_alg = _choice("gradient_clip_algorithm", kw.get("gradient_clip_algorithm", "norm"), CLIP_ALGORITHMS)
+    clip_alg = _choice("gradient_clip_algorithm", kw["gradient_clip_algorithm"], CLIP_ALGORITHMS)
 
-    vci = kw.get("val_check_interval", 1.0)
+    vci = kw["val_check_interval"]
     if vci is None:
         vci = 1.0
     if isinstance(vci, bool) or not (
             (isinstance(vci, numbers.Integral) and vci >= 1) or (isinstance(vci, float) and 0.0 < vci <= 1.0)):
         raise _fail("val_check_interval", vci, "expected a float in (0.0, 1.0] (fraction of an epoch) "
                                                "or an int >= 1 (every N training batches)")
-    cve = kw.get("check_val_every_n_epoch", 1)
+    cve = kw["check_val_every_n_epoch"]
     if cve is not None:
         cve = _int("check_val_every_n_epoch", cve, 1, "expected None or an int >= 1")
-    log_every = _int("log_every_n_steps", kw.get("log_every_n_steps", 50), 1)
+    log_every = _int("log_every_n_steps", kw["log_every_n_steps"], 1)
 
-    fdr = kw.get("fast_dev_run", False)
+    fdr = kw["fast_dev_run"]
     if isinstance(fdr, bool):
         fdr = 1 if fdr else 0
     else:
         fdr = _int("fast_dev_run", fdr, 0, "expected a bool or an int >= 0 (batches per stage)")
 
     for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic"):
-        if not isinstance(kw.get(arg, True), bool):
+        if not isinstance(kw[arg], bool):
             raise _fail(arg, kw[arg], "expected True or False")
-    checkpoint_retry = _retry_policy(kw.get("checkpoint_retry"))
-    seed = kw.get("seed")
+    checkpoint_retry = _retry_policy(kw["checkpoint_retry"])
+    seed = kw["seed"]
     if seed is not None:
         seed = _int("seed", seed, 0, "expected None or an int >= 0")
 
-    storage_path = kw.get("storage_path") or DEFAULT_STORAGE_PATH
+    storage_path = kw["storage_path"] or DEFAULT_STORAGE_PATH
     if not isinstance(storage_path, str):
         storage_path = str(storage_path) if hasattr(storage_path, "__fspath__") else storage_path
     if not isinstance(storage_path, str) or not storage_path.strip():
-        raise _fail("storage_path", kw.get("storage_path"), "expected a local path or an fsspec URI such as s3://bucket/prefix")
-    storage_options = kw.get("storage_options") or {}
+        raise _fail("storage_path", kw["storage_path"], "expected a local path or an fsspec URI such as s3://bucket/prefix")
+    storage_options = kw["storage_options"] or {}
     if not isinstance(storage_options, Mapping):
         raise ConfigError("Trainer(storage_options=...) is invalid: expected a dict of fsspec "
                           "filesystem options (e.g. {'endpoint_url': ...})")
-    name = kw.get("name")
+    name = kw["name"]
     if name is None:
         name = _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
     if not isinstance(name, str) or not name or "/" in name or name.strip() != name or name in (".", ".."):
         raise _fail("name", name, "expected a non-empty run name without '/' or surrounding spaces")
 
-    launcher = _choice("launcher", kw.get("launcher", "ray"), LAUNCHERS)
-    max_failures = _int("max_failures", kw.get("max_failures", 0), -1, "expected -1 (unlimited) or an int >= 0")
-    rpw = kw.get("resources_per_worker")
+    launcher = _choice("launcher", kw["launcher"], LAUNCHERS)
+    max_failures = _int("max_failures", kw["max_failures"], -1, "expected -1 (unlimited) or an int >= 0")
+    rpw = kw["resources_per_worker"]
     if rpw is not None:
         if not isinstance(rpw, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool) and v >= 0
@@ -235,19 +233,25 @@ def build_config(**kw: Any) -> TrainerConfig:
             raise ConfigError("Trainer(launcher='local', max_failures=...): worker restarts need "
                               "launcher='ray'; resume a local run with fit(..., ckpt_path='last')")
 
-    return TrainerConfig(
+    resolved = dict(
         max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, accumulate_grad_batches=accumulate,
         gradient_clip_val=clip_val, gradient_clip_algorithm=clip_alg, val_check_interval=vci,
         check_val_every_n_epoch=cve, log_every_n_steps=log_every,
-        limit_train_batches=_limit("limit_train_batches", kw.get("limit_train_batches")),
-        limit_val_batches=_limit("limit_val_batches", kw.get("limit_val_batches")),
-        limit_test_batches=_limit("limit_test_batches", kw.get("limit_test_batches")),
-        limit_predict_batches=_limit("limit_predict_batches", kw.get("limit_predict_batches")),
-        fast_dev_run=fdr, enable_progress_bar=kw.get("enable_progress_bar", True),
-        enable_checkpointing=kw.get("enable_checkpointing", True),
-        async_checkpoint=kw.get("async_checkpoint", True), checkpoint_retry=checkpoint_retry, seed=seed,
-        deterministic=kw.get("deterministic", False), storage_path=storage_path,
+        limit_train_batches=_limit("limit_train_batches", kw["limit_train_batches"]),
+        limit_val_batches=_limit("limit_val_batches", kw["limit_val_batches"]),
+        limit_test_batches=_limit("limit_test_batches", kw["limit_test_batches"]),
+        limit_predict_batches=_limit("limit_predict_batches", kw["limit_predict_batches"]),
+        fast_dev_run=fdr, enable_progress_bar=kw["enable_progress_bar"],
+        enable_checkpointing=kw["enable_checkpointing"],
+        async_checkpoint=kw["async_checkpoint"], checkpoint_retry=checkpoint_retry, seed=seed,
+        deterministic=kw["deterministic"], storage_path=storage.normalize(storage_path),
         storage_options=dict(storage_options), name=name, launcher=launcher,
-        max_failures=max_failures, resources_per_worker=rpw, profiler=_profiler(kw.get("profiler")),
+        max_failures=max_failures, resources_per_worker=rpw, profiler=check_profiler_spec(kw["profiler"]),
     )
+    if fdr:
+        # Lightning's fast_dev_run: n batches of each stage, one epoch, nothing written.
+        resolved.update(max_epochs=1, max_steps=fdr, limit_train_batches=fdr, limit_val_batches=fdr,
+                        limit_test_batches=fdr, limit_predict_batches=fdr, val_check_interval=1.0,
+                        check_val_every_n_epoch=1, enable_checkpointing=False)
+    return resolved

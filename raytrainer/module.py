@@ -1,8 +1,9 @@
 """``Module``: the LightningModule-style base class users subclass.
 
 A Module is a plain ``torch.nn.Module`` plus hooks with no-op defaults. It holds no loop logic:
-the loop binds itself through ``_bind`` (trainer view, metric sink, optimizers) and everything a
-module asks of the run (``self.log``, ``self.global_step``, ``self.optimizers()``) goes there.
+the loop attaches the run in progress (``_attach``) and everything a module asks of it
+(``self.log``, ``self.optimizers()``, ``self.manual_backward``) goes there; ``self.global_step``
+and the other counters are read from the Trainer, as in Lightning.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Module(nn.Module):
         super().__init__()
         # Plain attributes set through object.__setattr__ so nn.Module does not register them.
         object.__setattr__(self, "_rt_trainer", None)
+        object.__setattr__(self, "_rt_run", None)  # the run in progress (loop/run.py), while one is
         object.__setattr__(self, "_rt_hparams", AttributeDict())
         object.__setattr__(self, "_rt_automatic_optimization", True)
 
@@ -48,6 +50,18 @@ class Module(nn.Module):
     @trainer.setter
     def trainer(self, trainer) -> None:
         object.__setattr__(self, "_rt_trainer", trainer)
+
+    def _attach(self, trainer, run) -> None:
+        """Called by the loop when a run starts (``run``) and ends (None): ``self.log``,
+        ``self.optimizers()`` and manual optimization go to the run in progress."""
+        object.__setattr__(self, "_rt_trainer", trainer)
+        object.__setattr__(self, "_rt_run", run)
+
+    def _current_run(self, what: str):
+        run = self._rt_run
+        if run is None:
+            raise RuntimeError(f"{what} was called outside of a Trainer run")
+        return run
 
     @property
     def device(self) -> torch.device:
@@ -88,12 +102,9 @@ class Module(nn.Module):
         """Record a scalar. Defaults follow Lightning: per step in training_step, per epoch in
         validation/test steps and epoch-end hooks. Values stay on the device; they are read back
         to the host only on logging steps and epoch ends."""
-        trainer = self._rt_trainer
-        if trainer is None or trainer._run is None:
-            raise RuntimeError(f"self.log({name!r}) was called outside of a Trainer run")
-        trainer._run.metrics.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step,
-                                 on_epoch=on_epoch, reduce_fx=reduce_fx, sync_dist=sync_dist,
-                                 batch_size=batch_size)
+        self._current_run(f"self.log({name!r})").log(
+            name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
+            reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         for k, v in dictionary.items():
@@ -108,21 +119,22 @@ class Module(nn.Module):
     def optimizers(self):
         """The optimizer(s) from configure_optimizers, wrapped so ``step()`` goes through the
         precision plugin (GradScaler) and advances ``global_step``."""
-        opts = self.trainer._run.optimizer_handles
+        opts = self._current_run("self.optimizers()").optimizer_handles
         return opts[0] if len(opts) == 1 else opts
 
     def lr_schedulers(self):
-        scheds = [c.scheduler for c in self.trainer._run.scheduler_configs]
+        scheds = [c.scheduler for c in self._current_run("self.lr_schedulers()").scheduler_configs]
         if not scheds:
             return None
         return scheds[0] if len(scheds) == 1 else scheds
 
     def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        self.trainer._run.backward(loss, *args, **kwargs)
+        self._current_run("self.manual_backward()").backward(loss, *args, **kwargs)
 
     def clip_gradients(self, optimizer, gradient_clip_val: float | None = None,
                        gradient_clip_algorithm: str | None = None) -> None:
-        self.trainer._run.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self._current_run("self.clip_gradients()").clip_gradients(optimizer, gradient_clip_val,
+                                                                  gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ user-facing steps
     def training_step(self, batch: Any, batch_idx: int):  # pragma: no cover - must override

@@ -1,51 +1,87 @@
-"""Trainer: the public entry point. Validates everything up front, picks the launcher, and exposes
-Lightning's trainer attributes. It holds no loop logic (see loop.py)."""
+"""Trainer: the public entry point. Validates everything up front (config.py), picks the runtime
+(runtime/local.py or runtime/ray_train.py), and exposes Lightning's trainer attributes, read from
+the run in progress (loop/run.py). It holds no loop logic."""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raytrainer import storage
 from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
-from raytrainer.config import ConfigError, build_config
+from raytrainer.checkpoint.store import list_committed
+from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
+from raytrainer.errors import ConfigError, Preempted
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
 from raytrainer.module import Module
-from raytrainer.preemption import Preempted
 from raytrainer.result import FitResult
+from raytrainer.runtime import preflight
+from raytrainer.runtime.local import launch_local
+from raytrainer.utilities import show_info_logs
 
 if TYPE_CHECKING:
-    from raytrainer.strategy import FSDPStrategy
+    from raytrainer.loop.strategy import FSDPStrategy, Strategy
+
+log = logging.getLogger(__name__)
+_D = TrainerConfig  # the defaults below are TrainerConfig's: one place (tests check they agree)
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """``trainer.state``: what the Trainer is doing, with Lightning's values.
+    ``fn``: "fit" | "validate" | "test" | "predict" (None between runs); ``stage``: "train" |
+    "validate" | "test" | "predict" (validation inside fit is "validate")."""
+    fn: str | None = None
+    stage: str | None = None
 
 
 class Trainer:
-    def __init__(self, *, max_epochs: int | None = None, max_steps: int = -1,
-                 accelerator: str = "auto", devices: int | str = 1, strategy: str | FSDPStrategy = "ddp",
-                 precision: str | int = "32-true", accumulate_grad_batches: int = 1,
-                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
-                 val_check_interval: float | int | None = 1.0, check_val_every_n_epoch: int | None = 1,
-                 log_every_n_steps: int = 50, limit_train_batches=None, limit_val_batches=None,
-                 limit_test_batches=None, limit_predict_batches=None, fast_dev_run: bool | int = False,
+    def __init__(self, *, max_epochs: int | None = _D.max_epochs, max_steps: int = _D.max_steps,
+                 accelerator: str = _D.accelerator, devices: int | str = _D.devices,
+                 strategy: str | FSDPStrategy = _D.strategy, precision: str | int = _D.precision,
+                 accumulate_grad_batches: int = _D.accumulate_grad_batches,
+                 gradient_clip_val: float | None = _D.gradient_clip_val,
+                 gradient_clip_algorithm: str = _D.gradient_clip_algorithm,
+                 val_check_interval: float | int | None = _D.val_check_interval,
+                 check_val_every_n_epoch: int | None = _D.check_val_every_n_epoch,
+                 log_every_n_steps: int = _D.log_every_n_steps,
+                 limit_train_batches: int | float | None = _D.limit_train_batches,
+                 limit_val_batches: int | float | None = _D.limit_val_batches,
+                 limit_test_batches: int | float | None = _D.limit_test_batches,
+                 limit_predict_batches: int | float | None = _D.limit_predict_batches,
+                 fast_dev_run: bool | int = _D.fast_dev_run,
                  callbacks: list[Callback] | Callback | None = None, logger: Any = True,
-                 enable_progress_bar: bool = True, enable_checkpointing: bool = True,
-                 async_checkpoint: bool = True, checkpoint_retry: Any = None,
-                 seed: int | None = None, deterministic: bool = False, storage_path: str | None = None,
-                 storage_options: dict | None = None, name: str | None = None, launcher: str = "ray",
-                 max_failures: int = 0, resources_per_worker: dict | None = None, profiler: Any = None):
+                 enable_progress_bar: bool = _D.enable_progress_bar,
+                 enable_checkpointing: bool = _D.enable_checkpointing,
+                 async_checkpoint: bool = _D.async_checkpoint, checkpoint_retry: Any = _D.checkpoint_retry,
+                 seed: int | None = _D.seed, deterministic: bool = _D.deterministic,
+                 storage_path: str | None = _D.storage_path, storage_options: dict | None = _D.storage_options,
+                 name: str | None = _D.name, launcher: str = _D.launcher, max_failures: int = _D.max_failures,
+                 resources_per_worker: dict | None = _D.resources_per_worker, profiler: Any = _D.profiler):
+        """Lightning's Trainer arguments (same names and meanings), plus where a run goes
+        (``storage_path``, ``storage_options``, ``name``), how it runs (``launcher``: "ray" or
+        "local"; ``max_failures``, ``resources_per_worker``) and how checkpoints commit
+        (``async_checkpoint``, ``checkpoint_retry``). Every argument is checked here."""
+        self.cfg = TrainerConfig(
+            max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=devices,
+            strategy=strategy, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
+            val_check_interval=val_check_interval, check_val_every_n_epoch=check_val_every_n_epoch,
+            log_every_n_steps=log_every_n_steps, limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches, limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches, fast_dev_run=fast_dev_run,
+            enable_progress_bar=enable_progress_bar, enable_checkpointing=enable_checkpointing,
+            async_checkpoint=async_checkpoint, checkpoint_retry=checkpoint_retry, seed=seed,
+            deterministic=deterministic, storage_path=storage_path, storage_options=storage_options,
+            name=name, launcher=launcher, max_failures=max_failures,
+            resources_per_worker=resources_per_worker, profiler=profiler)
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
-        self._init_kwargs = {k: v for k, v in locals().items() if k != "self"}
-        cfg = build_config(**{k: v for k, v in self._init_kwargs.items() if k not in ("callbacks", "logger")})
-        if cfg.fast_dev_run:
-            # Lightning's fast_dev_run: n batches of each stage, one epoch, nothing written.
-            n = cfg.fast_dev_run
-            cfg = cfg.replace(max_epochs=1, max_steps=n, limit_train_batches=n, limit_val_batches=n,
-                              limit_test_batches=n, limit_predict_batches=n, val_check_interval=1.0,
-                              check_val_every_n_epoch=1, enable_checkpointing=False)
-            logger = False
-        self.cfg = cfg.replace(storage_path=storage.normalize(cfg.storage_path))
+        self._init_kwargs = {**self.cfg.given, "callbacks": callbacks, "logger": logger}
         self.callbacks = self._build_callbacks(callbacks)
-        self._loggers = _build_loggers(logger)
-        self._run = None
-        self._last_out: dict = {}
+        # Lightning's fast_dev_run writes nothing: no loggers either.
+        self._loggers = [] if self.cfg.fast_dev_run else _build_loggers(logger)
+        self._run = None             # the run in progress, or the last one (loop/run.py)
+        self._last_out: dict = {}    # what a run in Ray workers sent back
         self._should_stop = False
 
     def _build_callbacks(self, callbacks) -> list[Callback]:
@@ -79,14 +115,13 @@ class Trainer:
         _check_module(model, "fit")
         if train_dataloaders is None and not any(callable(getattr(o, "train_dataloader", None))
                                                  for o in (datamodule, model)):
-            # Known before anything starts (the same check in execute.py would come after Ray).
+            # Known before anything starts (the same check in the workers would come after Ray).
             raise ValueError("fit needs data: pass train_dataloaders=, a datamodule with "
                              "train_dataloader(), or define train_dataloader() on the module")
         out = self._launch("fit", model, datamodule,
                            {"train": train_dataloaders, "val": val_dataloaders}, ckpt_path)
         ckpt = self.checkpoint_callback
-        from raytrainer import checkpoint as ckpt_io
-        checkpoints = ckpt_io.list_committed(self.cfg, self.cfg.storage_options) if ckpt else []
+        checkpoints = list_committed(self.cfg, self.cfg.storage_options) if ckpt else []
         return FitResult(
             metrics=out["metrics"], global_step=out["global_step"], current_epoch=out["current_epoch"],
             best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
@@ -115,7 +150,7 @@ class Trainer:
         kind = "val" if stage == "validate" else "test"
         out = self._launch(stage, model, datamodule, {kind: dataloaders}, ckpt_path)
         if verbose:
-            print(f"[raytrainer] {stage}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(out["metrics"].items())))
+            log.info("%s: %s", stage, ", ".join(f"{k}={v:.6g}" for k, v in sorted(out["metrics"].items())))
         return out["metrics"]
 
     def _model_or_last(self, model):
@@ -129,14 +164,19 @@ class Trainer:
     def _launch(self, stage, model, datamodule, loaders, ckpt_path) -> dict:
         if datamodule is not None and not isinstance(datamodule, DataModule):
             raise TypeError(f"datamodule must be an rt.DataModule, got {type(datamodule).__name__}")
-        from raytrainer.launch import launch
+        show_info_logs()
         self._should_stop = False
-        out = launch(self, stage, model, datamodule, loaders, ckpt_path)
+        resume_uri = preflight.prepare(self, stage, model, ckpt_path)
+        if self.cfg.launcher == "local":
+            out = launch_local(self, stage, model, datamodule, loaders, resume_uri)
+        else:
+            from raytrainer.runtime.ray_train import launch_ray  # imports ray: only for Ray runs
+            out = launch_ray(self, stage, model, datamodule, loaders, resume_uri)
         if out.get("preempted"):
             # Raised once the fit is wound up (checkpoint committed, loggers closed, weights in
             # `model`); a SystemExit, so an unhandled one ends the process as the signal would.
             error = Preempted(**out["preempted"])
-            print(f"[raytrainer] {error}", flush=True)
+            log.warning("%s", error)
             raise error
         return out
 
@@ -145,25 +185,71 @@ class Trainer:
         if loaders is not None and datamodule is not None and not isinstance(loaders, DataModule):
             raise ValueError(f"pass either {arg}= or datamodule=, not both")
 
-    def save_checkpoint(self, filepath: str | None = None) -> str:
-        """Commit the current state now (inside a run) and return its URI."""
-        if self._run is None:
-            raise RuntimeError("save_checkpoint() needs a running or finished fit")
-        uri = self._run.save_checkpoint()
-        self._run.writer.wait()  # a user's explicit save returns once committed
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filepath: str | None = None, weights_only: bool = False, *,
+                        after_commit: list | None = None, wait: bool = True) -> str:
+        """Commit the state at the current position to the run's checkpoint folder and return
+        its URI (once per position: a second call there returns the same URI). ``wait=False``
+        returns once the state is snapshotted (the commit goes on in the background) and runs
+        ``after_commit`` once it has committed (ModelCheckpoint's retention)."""
+        run = self._require_run("save_checkpoint()")
+        if weights_only:
+            raise NotImplementedError("save_checkpoint(weights_only=True) is not supported yet: checkpoints "
+                                      "hold the full state (load weights only with rt.load_checkpoint(...)"
+                                      "['state_dict'])")
+        if filepath is not None and str(filepath).rstrip("/") != run.checkpoint_uri():
+            raise NotImplementedError(f"save_checkpoint({filepath!r}): checkpoints are written to the run's "
+                                      f"checkpoint folder ({self.boundary_checkpoint_path}); call "
+                                      "save_checkpoint() and copy the returned checkpoint if you need it elsewhere")
+        uri = run.save_checkpoint(after_commit=after_commit)
+        if wait:
+            run.wait_for_commits()  # a user's explicit save returns once committed
         return uri
 
+    @property
+    def checkpoint_boundary(self) -> str | None:
+        """raytrainer's one addition to Lightning's trainer: "step" or "epoch" while the loop is
+        at a checkpoint boundary (on_checkpoint_boundary), else None. Checkpoints are taken only
+        there, where a resumed run continues exactly as this one would."""
+        return self._run.boundary.kind if self._run is not None else None
+
+    @property
+    def boundary_checkpoint_path(self) -> str:
+        """Where a checkpoint of the current position is (or would be) committed."""
+        return self._require_run("boundary_checkpoint_path").checkpoint_uri()
+
+    def _require_run(self, what: str):
+        if self._run is None:
+            raise RuntimeError(f"{what} needs a running or finished fit")
+        return self._run
+
+    # ------------------------------------------------------------------ the loop's hand-off
+    def _attach(self, run) -> None:
+        """The run that starts now (loop/execute.py): the attributes below read from it."""
+        self._run = run
+
+    def _callback_states(self) -> dict:
+        return {cb.state_key: cb.state_dict() for cb in self._run.callbacks}
+
+    def _finished_on_workers(self, out: dict) -> None:
+        """A run in Ray workers ended: the driver's callbacks learn what the workers' did."""
+        for cb in self.callbacks:
+            if cb.state_key in out["callbacks"]:
+                cb.load_state_dict(out["callbacks"][cb.state_key])
+        self._last_out = out
+
     # ------------------------------------------------------------------ Lightning's attributes
-    def _run_attr(self, name: str, default: Any) -> Any:
+    def _progress(self, name: str, default: Any) -> Any:
         if self._run is not None:
-            return getattr(self._run, name)
+            return getattr(self._run.progress, name)
         return self._last_out.get(name, default)  # after a run in Ray workers
 
-    global_step = property(lambda self: self._run_attr("global_step", 0))
-    current_epoch = property(lambda self: self._run_attr("current_epoch", 0))
-    num_training_batches = property(lambda self: self._run_attr("num_training_batches", float("inf")))
-    optimizers = property(lambda self: self._run_attr("optimizers", []))
-    lr_scheduler_configs = property(lambda self: self._run_attr("scheduler_configs", []))
+    global_step = property(lambda self: self._progress("global_step", 0))
+    current_epoch = property(lambda self: self._progress("current_epoch", 0))
+    num_training_batches = property(lambda self: self._run.num_training_batches if self._run else float("inf"))
+    num_val_batches = property(lambda self: list(self._run.num_val_batches) if self._run else [])
+    optimizers = property(lambda self: self._run.optimizers if self._run else [])
+    lr_scheduler_configs = property(lambda self: self._run.scheduler_configs if self._run else [])
     global_rank = property(lambda self: self._run.ctx.global_rank if self._run else 0)
     local_rank = property(lambda self: self._run.ctx.local_rank if self._run else 0)
     node_rank = property(lambda self: self._run.ctx.node_rank if self._run else 0)
@@ -174,12 +260,25 @@ class Trainer:
     log_every_n_steps = property(lambda self: self.cfg.log_every_n_steps)
     accumulate_grad_batches = property(lambda self: self.cfg.accumulate_grad_batches)
     precision = property(lambda self: self.cfg.precision)
+    val_check_interval = property(lambda self: self.cfg.val_check_interval)
+    check_val_every_n_epoch = property(lambda self: self.cfg.check_val_every_n_epoch)
     sanity_checking = property(lambda self: False)
-    training = property(lambda self: self._run is not None and self._run.stage == "fit"
-                        and self._run.metrics.stage == "train")
-    validating = property(lambda self: self._run is not None and self._run.metrics.stage == "validate")
-    testing = property(lambda self: self._run is not None and self._run.metrics.stage == "test")
-    predicting = property(lambda self: self._run is not None and self._run.metrics.stage == "predict")
+    training = property(lambda self: self.state.stage == "train")
+    validating = property(lambda self: self.state.stage == "validate")
+    testing = property(lambda self: self.state.stage == "test")
+    predicting = property(lambda self: self.state.stage == "predict")
+
+    @property
+    def state(self) -> TrainerState:
+        if self._run is None:
+            return TrainerState()
+        return TrainerState(fn=self._run.stage, stage=self._run.metrics.stage)
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """The run's strategy (Lightning's ``trainer.strategy``): ``broadcast``, ``barrier``,
+        ``reduce``, ``root_device``, ... None before the first run."""
+        return self._run.strategy if self._run is not None else None
 
     @property
     def should_stop(self) -> bool:
@@ -188,7 +287,7 @@ class Trainer:
     @should_stop.setter
     def should_stop(self, value: bool) -> None:
         if self._run is not None:
-            self._run.should_stop = bool(value)
+            self._run.set_should_stop(bool(value))
         self._should_stop = bool(value)
 
     @property

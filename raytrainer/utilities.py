@@ -1,8 +1,11 @@
-"""Small helpers shared by the package: attribute dicts, moving batches, seeding, RNG capture."""
+"""Small helpers shared by the package: attribute dicts, moving batches, seeding, RNG capture,
+and the default visibility of raytrainer's log notices."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
+import sys
 from collections.abc import Mapping  # typing.Mapping's isinstance is ~3x slower (hot path)
 from typing import Any
 
@@ -159,3 +162,44 @@ def _numpy_rng_to_plain(st: tuple) -> dict:
 
 def _numpy_rng_from_plain(d: dict) -> tuple:
     return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+class _NoticeFormatter(logging.Formatter):
+    """``[raytrainer] message``; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        text = f"[raytrainer] {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a notebook or a test may
+    replace it after the handler was installed), as logging's own last-resort handler does."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
+def show_info_logs() -> None:
+    """Make raytrainer's INFO notices (the resolved configuration, checkpoints, the run summary)
+    visible by default: a handler on the ``raytrainer`` logger, written to stderr beside the
+    progress bar, installed only when this process has configured no logging of its own (no
+    handler on that logger or the root logger), as Lightning does. A user's own configuration
+    decides otherwise; ``logging.getLogger("raytrainer").setLevel(logging.WARNING)`` silences the
+    notices."""
+    logger = logging.getLogger("raytrainer")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(_NoticeFormatter())
+    logger.addHandler(handler)
+    logger.propagate = False  # a root handler the user adds later would print every line twice
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)

@@ -11,7 +11,7 @@ def ray_cluster():
     """One embedded Ray for the whole session (a start costs seconds); shut down at the end."""
     import ray
 
-    from raytrainer.ray_launcher import ensure_ray
+    from raytrainer.runtime.cluster import ensure_ray
     ensure_ray()
     yield ray
     ray.shutdown()
@@ -66,3 +66,14 @@ def pytest_collection_modifyitems(session, config, items):
     def own_ray_first(item) -> bool:
         return not (item.get_closest_marker("ray") and "ray_cluster" not in item.fixturenames)
     items.sort(key=own_ray_first)
+
+
+# ---------------------------------------------------------------- raytrainer's log notices
+
+@pytest.fixture
+def rt_log(caplog):
+    """raytrainer's log notices (INFO and up: the resolved config, retries, summaries) as a user
+    sees them by default; read ``rt_log.text`` or ``rt_log.messages``."""
+    import logging
+    caplog.set_level(logging.INFO, logger="raytrainer")
+    return caplog

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import csv
 import os
+import pathlib
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import raytrainer as rt
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent  # the support modules (helpers, *_job.py) live here
+REPO = TESTS_DIR.parent
 
 
 # ---------------------------------------------------------------- data

@@ -100,7 +100,7 @@ def node_drainer(cluster, marker_dir, run_dir, stop):
     """Drain rank 1's node as preempted, wait for the just-in-time checkpoint, remove the node."""
     from ray.core.generated import autoscaler_pb2
 
-    from raytrainer import checkpoint as ckpt_io
+    from raytrainer.checkpoint import store as ckpt_io
     flag = os.path.join(marker_dir, "drain-my-node")
     while not stop.is_set() and not os.path.exists(flag):
         time.sleep(0.05)
@@ -203,7 +203,7 @@ def _read(path):
 
 
 def _committed(run_dir):
-    from raytrainer import checkpoint as ckpt_io
+    from raytrainer.checkpoint import store as ckpt_io
     return ckpt_io.list_committed(os.path.join(run_dir, "checkpoints"))
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from raytrainer import cli
+from raytrainer.cli import main as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
@@ -44,13 +44,12 @@ def _metric(out: str, prefix: str, key: str) -> float:
 
 # ---------------------------------------------------------------- digits, in this process
 
-def test_digits_script_local_reaches_the_readme_accuracy(tmp_path, capsys):
+def test_digits_script_local_reaches_the_readme_accuracy(tmp_path, rt_log):
     """README: `python examples/digits.py --launcher local --max-epochs 8`: test_acc >= 0.95."""
     pytest.importorskip("sklearn")
     out = _example("digits").main(["--launcher", "local", "--max-epochs", "8",
                                    "--storage-path", str(tmp_path), "--name", "digits-local"])
-    printed = capsys.readouterr().out
-    assert "launcher=local" in printed
+    assert "launcher=local" in rt_log.text  # the resolved configuration, logged first
     fit, test = out["fit"], out["test"]
     assert fit.current_epoch == 8
     assert fit.metrics["val_acc"] >= 0.95
@@ -68,7 +67,7 @@ def _cli(capsys, command: str, storage, *extra: str) -> str:
     return out
 
 
-def test_digits_cli_local_configs_fit_test_and_resume(tmp_path, capsys):
+def test_digits_cli_local_configs_fit_test_and_resume(tmp_path, capsys, rt_log):
     """README (digits_local.yaml): fit reaches val_acc >= 0.95 and `test --ckpt_path best`
     test_acc >= 0.95 (after 8 of the config's 15 epochs already); the run folder holds committed
     checkpoints, tensorboard/, csv/metrics.csv and config.yaml; fitting again resumes and, with
@@ -78,7 +77,7 @@ def test_digits_cli_local_configs_fit_test_and_resume(tmp_path, capsys):
     # or they depend on what earlier tests drew from torch's RNG.
     torch.manual_seed(0)
     out = _cli(capsys, "fit", tmp_path)
-    assert "launcher=local" in out
+    assert "launcher=local" in rt_log.text
     assert _metric(out, "[raytrainer] fit finished", "epochs") == 8
     assert _metric(out, "[raytrainer] fit finished", "val_acc") >= 0.95
 
@@ -126,13 +125,12 @@ def test_ray_data_parquet_files_and_batches(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_digits_script_on_ray_two_workers(ray_cluster, tmp_path, capsys):
+def test_digits_script_on_ray_two_workers(ray_cluster, tmp_path, rt_log):
     """README: `python examples/digits.py` (2 DDP workers, 15 epochs): test_acc >= 0.95, and the
-    first output line shows launcher=ray workers=2."""
+    resolved configuration says launcher=ray workers=2."""
     pytest.importorskip("sklearn")
     out = _example("digits").main(["--storage-path", str(tmp_path), "--name", "digits"])
-    printed = capsys.readouterr().out
-    assert "launcher=ray workers=2" in printed
+    assert "launcher=ray workers=2" in rt_log.text
     assert out["fit"].metrics["val_acc"] >= 0.95
     assert out["test"]["test_acc"] >= 0.95, out["test"]
 
@@ -140,14 +138,13 @@ def test_digits_script_on_ray_two_workers(ray_cluster, tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_data_parquet_example_on_ray(ray_cluster, tmp_path, capsys):
+def test_ray_data_parquet_example_on_ray(ray_cluster, tmp_path, rt_log):
     """README: `python examples/ray_data_parquet.py`: final val_loss < 0.05 after 10 epochs on
     2 workers, and the same value recomputed in the driver from the returned weights."""
     pytest.importorskip("pyarrow.parquet")
     out = _example("ray_data_parquet").main(["--storage-path", str(tmp_path / "runs"),
                                              "--data-dir", str(tmp_path / "data")])
-    printed = capsys.readouterr().out
-    assert "launcher=ray workers=2" in printed
+    assert "launcher=ray workers=2" in rt_log.text
     fit = out["fit"]
     assert fit.current_epoch == 10
     assert fit.metrics["val_loss"] < 0.05, fit.metrics
@@ -158,7 +155,7 @@ def test_ray_data_parquet_example_on_ray(ray_cluster, tmp_path, capsys):
 
 def test_s3_example_config_writes_its_run_into_the_bucket(s3_env, s3_server, monkeypatch):
     """examples/configs/digits_s3.yaml, pointed at the loopback S3 server (AWS env vars only)."""
-    from raytrainer import cli
+    from raytrainer.cli import main as cli
     monkeypatch.chdir(REPO)
     code = cli.main(["fit", "--config", "examples/configs/digits.yaml", "--config", "examples/configs/digits_s3.yaml",
                      "--config", "examples/configs/digits_local.yaml", "--trainer.storage_path", s3_env,
@@ -175,7 +172,7 @@ def test_s3_example_config_writes_its_run_into_the_bucket(s3_env, s3_server, mon
 @pytest.mark.timeout(300)
 def test_sweep_example_config_runs(ray_cluster, tmp_path, monkeypatch, capsys):
     """examples/configs/digits_sweep.yaml, made small: an ASHA sweep that ends with a best checkpoint."""
-    from raytrainer import cli
+    from raytrainer.cli import main as cli
     monkeypatch.chdir(REPO)
     code = cli.main(["sweep", "--config", "examples/configs/digits.yaml", "--config", "examples/configs/digits_sweep.yaml",
                      "--trainer.max_epochs", "2", "--sweep.num_samples", "2", "--sweep.max_t", "2",

@@ -28,8 +28,8 @@ import torch
 import yaml
 
 import raytrainer as rt
-from raytrainer import checkpoint as ckpt_io
-from raytrainer import cli
+from raytrainer.checkpoint import store as ckpt_io
+from raytrainer.cli import main as cli
 from raytrainer.redaction import MARKER
 
 from cli_models import TinyRegressor

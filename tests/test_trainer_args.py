@@ -371,13 +371,13 @@ def test_validate_and_test_return_epoch_metrics_per_loader(tmp_path):
     assert model.training  # the module's mode is restored
 
 
-def test_validate_after_fit_defaults_to_the_fitted_module_and_prints(tmp_path, capsys):
+def test_validate_after_fit_defaults_to_the_fitted_module_and_logs(tmp_path, rt_log):
     model = LinearModel()
     trainer = make_trainer(tmp_path, max_epochs=2)
     result = trainer.fit(model, loader(), loader(seed=4))
     (metrics,) = trainer.validate(dataloaders=loader(seed=4))
     assert metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert f"[raytrainer] validate: val_loss={metrics['val_loss']:.6g}" in capsys.readouterr().out
+    assert f"validate: val_loss={metrics['val_loss']:.6g}" in rt_log.messages
 
 
 def test_evaluation_with_a_datamodule(tmp_path):
@@ -471,11 +471,11 @@ def test_iterable_loader_rejects_a_fractional_train_limit(tmp_path):
     ({"devices": 2}, "predict", 0, (False, 1)),                          # predictions in order: one
 ])
 def test_devices_and_accelerator_resolve_to_ray_workers(kw, stage, gpus, layout):
-    from raytrainer.ray_launcher import worker_layout
+    from raytrainer.runtime.ray_train import worker_layout
     assert worker_layout(rt.Trainer(**kw).cfg, stage, gpus) == layout
 
 
 def test_accelerator_gpu_on_a_cluster_without_gpus_names_the_fix():
-    from raytrainer.ray_launcher import worker_layout
+    from raytrainer.runtime.ray_train import worker_layout
     with pytest.raises(rt.ConfigError, match=r"the Ray cluster has no GPU; use accelerator='cpu' or 'auto'"):
         worker_layout(rt.Trainer(accelerator="gpu").cfg, "fit", 0)

@@ -39,6 +39,14 @@ logs anything). Loggers and the progress bar exist only on global rank 0.
 ``on_checkpoint_boundary`` is raytrainer's one addition to Lightning's hooks: it runs where a run
 resumed from a checkpoint continues exactly as the uninterrupted run would (after the step's
 validation, after the epoch's end), so every checkpoint is taken there.
+
+What a callback uses of the trainer is its public surface, as in Lightning (the built-in
+callbacks use nothing else): the counters and metrics (``global_step``, ``current_epoch``,
+``callback_metrics``, ``progress_bar_metrics``, ``num_training_batches``, ``num_val_batches``,
+``state.fn``, ``should_stop``, ``loggers``, ``optimizers``, ...), ``trainer.strategy``
+(``broadcast``, ``barrier``, ``reduce``, ``root_device``, ``world_size``) and, raytrainer's
+own, ``trainer.checkpoint_boundary`` ("step" | "epoch" during on_checkpoint_boundary),
+``trainer.boundary_checkpoint_path`` and ``trainer.save_checkpoint(after_commit=..., wait=False)``.
 """
 from __future__ import annotations
 

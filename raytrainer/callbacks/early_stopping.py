@@ -5,9 +5,12 @@ applies; every rank takes rank 0's decision so workers stop together.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 from raytrainer.callbacks.base import Callback
+
+log = logging.getLogger(__name__)
 
 
 class EarlyStopping(Callback):
@@ -73,10 +76,10 @@ class EarlyStopping(Callback):
     def _check_on_epoch_end(self, trainer) -> bool:
         if self.check_on_train_epoch_end is not None:
             return self.check_on_train_epoch_end
-        return not trainer._run.has_validation
+        return sum(trainer.num_val_batches) == 0  # no validation: check at the epoch's end
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer._run.stage == "fit" and not self._check_on_epoch_end(trainer):
+        if trainer.state.fn == "fit" and not self._check_on_epoch_end(trainer):
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -92,10 +95,10 @@ class EarlyStopping(Callback):
                                "fix the name, or pass strict=False")
             return
         stop, reason = self.decide(float(metrics[self.monitor]))
-        stop, reason = trainer._run.ctx.broadcast_object((stop, reason))
+        stop, reason = trainer.strategy.broadcast((stop, reason))
         if stop:
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
             self.stopping_reason = reason
             if self.verbose and trainer.is_global_zero:
-                print(f"[raytrainer] early stop at epoch {trainer.current_epoch}: {reason}")
+                log.info("early stop at epoch %d: %s", trainer.current_epoch, reason)

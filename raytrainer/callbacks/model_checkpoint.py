@@ -10,12 +10,16 @@ Files are deleted only after the new checkpoint is committed.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import time
 from typing import Any
 
-from raytrainer import checkpoint as ckpt_io
 from raytrainer.callbacks.base import Callback
+from raytrainer.checkpoint.format import checkpoints_root
+from raytrainer.checkpoint import store
+
+log = logging.getLogger(__name__)
 
 
 def topk_decision(best_k: dict[str, float], score: float, k: int, mode: str) -> tuple[bool, list[str]]:
@@ -81,6 +85,7 @@ class ModelCheckpoint(Callback):
         self.best_model_score: float | None = None
         self.last_model_path = ""
         self._last_save_time = time.monotonic()
+        self._validated = False  # a validation of this fit ran since the last checkpoint boundary
 
     @property
     def state_key(self) -> str:
@@ -102,30 +107,35 @@ class ModelCheckpoint(Callback):
     def _saves_on_epoch_end(self, trainer) -> bool:
         if self.save_on_train_epoch_end is not None:
             return self.save_on_train_epoch_end
-        return not trainer._run.has_validation
+        return sum(trainer.num_val_batches) == 0  # no validation: save at the epoch's end
 
     def _due(self, trainer) -> bool:
-        run = trainer._run
+        boundary, step = trainer.checkpoint_boundary, trainer.global_step
         if self.every_n_train_steps or self.train_time_interval:
-            if run.boundary != "step" or run.global_step == 0:
+            if boundary != "step" or step == 0:
                 return False
             if self.every_n_train_steps:
-                return run.global_step % self.every_n_train_steps == 0
+                return step % self.every_n_train_steps == 0
             return time.monotonic() - self._last_save_time >= self.train_time_interval
-        epoch_ok = (run.current_epoch + 1) % self.every_n_epochs == 0
-        if run.boundary == "epoch":
+        epoch_ok = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if boundary == "epoch":
             return epoch_ok and self._saves_on_epoch_end(trainer)
-        return epoch_ok and run.validated_this_boundary and not self._saves_on_epoch_end(trainer)
+        return epoch_ok and self._validated and not self._saves_on_epoch_end(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._validated = True
 
     def on_checkpoint_boundary(self, trainer, pl_module) -> None:
-        if trainer._run.cfg.enable_checkpointing and self._due(trainer):
+        due = trainer.cfg.enable_checkpointing and self._due(trainer)
+        self._validated = False
+        if due:
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A run that ends for any reason (max_steps mid-epoch, max_epochs, early stop) keeps its
-        # final state as `last`.
-        run = trainer._run
-        if self.save_last and run.cfg.enable_checkpointing and run.last_saved_position != run.position():
+        # final state as `last` (a position already saved is not saved twice).
+        if self.save_last and trainer.cfg.enable_checkpointing:
             self._commit(trainer, keep=False, score=None)
 
     # ------------------------------------------------------------------ what
@@ -142,13 +152,12 @@ class ModelCheckpoint(Callback):
                                     self.save_top_k, self.mode) if score is not None else \
             (self.save_top_k != 0, list(self.best_k_models) if self.save_top_k == 1 else [])
         # Every rank must take the same decision (saving is collective): rank 0's wins.
-        keep, evict = trainer._run.ctx.broadcast_object((keep, evict))
+        keep, evict = trainer.strategy.broadcast((keep, evict))
         if keep or self.save_last:
             self._commit(trainer, keep, score, evict)
 
     def _commit(self, trainer, keep: bool, score: float | None, evict: list[str] = ()) -> None:
-        run = trainer._run
-        uri = run.checkpoint_uri()
+        uri = trainer.boundary_checkpoint_path
         evict = [p for p in evict if p != uri]
         # Update the bookkeeping first so the checkpoint's own copy of this callback's state
         # already lists it (after a resume it can then be ranked and evicted like any other).
@@ -168,16 +177,16 @@ class ModelCheckpoint(Callback):
             self.last_model_path = uri
         stale = set(evict) | ({previous_last} if previous_last and previous_last != uri else set())
         # Older checkpoints are deleted only once the new one is committed (maybe in background).
-        run.save_checkpoint(after_commit=[lambda: self._delete_unreferenced(trainer, stale)])
+        trainer.save_checkpoint(after_commit=[lambda: self._delete_unreferenced(trainer, stale)], wait=False)
         self._last_save_time = time.monotonic()
         if self.verbose and trainer.is_global_zero:
-            print(f"[raytrainer] checkpoint {uri}" + (f" ({self.monitor}={score:.6g})" if score is not None else ""))
+            log.info("checkpoint %s%s", uri, f" ({self.monitor}={score:.6g})" if score is not None else "")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Forget checkpoints of other runs: a fit resumed from another run's checkpoint (a PBT
         exploit, ``ckpt_path=`` elsewhere) restores that run's bookkeeping, and its files are
         not this run's to rank or delete."""
-        root = ckpt_io.checkpoints_root(trainer.cfg) + "/"
+        root = checkpoints_root(trainer.cfg) + "/"
         self.best_k_models = {p: v for p, v in self.best_k_models.items() if p.startswith(root)}
         if self.last_model_path and not self.last_model_path.startswith(root):
             self.last_model_path = ""
@@ -190,10 +199,10 @@ class ModelCheckpoint(Callback):
     def _delete_unreferenced(self, trainer, candidates: set[str]) -> None:
         if not trainer.is_global_zero:
             return
-        root = ckpt_io.checkpoints_root(trainer.cfg) + "/"
+        root = checkpoints_root(trainer.cfg) + "/"
         candidates = {p for p in candidates if p.startswith(root)}  # never another run's files
-        referenced = {trainer._run.checkpoint_uri()}
+        referenced = {trainer.boundary_checkpoint_path}
         for cb in trainer.checkpoint_callbacks:
             referenced |= set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}
         for path in candidates - referenced:
-            ckpt_io.delete(path, trainer.cfg.storage_options)
+            store.delete(path, trainer.cfg.storage_options)

@@ -33,18 +33,24 @@ class ProgressBar(Callback):
         self._shown_step = -1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        run = trainer._run
-        total = None if math.isinf(run.num_training_batches) else int(run.num_training_batches)
-        desc = f"Epoch {run.current_epoch}"
+        self._close(trainer)  # (an epoch that ended early left its bar open)
+        self._every = trainer.log_every_n_steps  # read here, not through properties every batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._bar is None:  # the epoch's first batch: a resumed epoch starts at batch_idx
+            self._open(trainer, initial=batch_idx)
+
+    def _open(self, trainer, initial: int) -> None:
+        n = trainer.num_training_batches
+        total = None if math.isinf(n) else int(n)
+        desc = f"Epoch {trainer.current_epoch}"
         bar_class = _bar_class(sys.stderr)
         if bar_class is None:
-            self._bar = _LineBar(total=total, initial=run.batches_done, desc=desc, file=sys.stderr,
-                                 every_s=self.line_every_s)
+            self._bar = _LineBar(total=total, initial=initial, desc=desc, file=sys.stderr, every_s=self.line_every_s)
         else:
-            self._bar = bar_class(total=total, initial=run.batches_done, desc=desc, leave=self.leave,
-                                  file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
-        self._every = trainer.log_every_n_steps  # read here, not through properties every batch
-        self._shown_step = run.global_step
+            self._bar = bar_class(total=total, initial=initial, desc=desc, leave=self.leave, file=sys.stderr,
+                                  dynamic_ncols=True, mininterval=0.2)
+        self._shown_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:
@@ -52,14 +58,14 @@ class ProgressBar(Callback):
         self._bar.update(1)
         # The loop's logging steps only: a step that just became a multiple of log_every_n_steps
         # (not every micro-batch of an accumulation window that leaves global_step there).
-        step = trainer._run.global_step
+        step = trainer.global_step
         if step != self._shown_step and step % self._every == 0:
             self._shown_step = step
-            self._bar.set_postfix(_fmt(trainer._run.metrics.progress_bar_metrics()), refresh=False)
+            self._bar.set_postfix(_fmt(trainer.progress_bar_metrics), refresh=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(_fmt(trainer._run.metrics.progress_bar_metrics()), refresh=False)
+            self._bar.set_postfix(_fmt(trainer.progress_bar_metrics), refresh=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._close(trainer)
@@ -72,7 +78,7 @@ class ProgressBar(Callback):
 
     def _close(self, trainer) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(_fmt(trainer._run.metrics.progress_bar_metrics()), refresh=False)
+            self._bar.set_postfix(_fmt(trainer.progress_bar_metrics), refresh=False)
             self._bar.close()
             self._bar = None
 
@@ -145,7 +151,8 @@ class _LineBar:
         self.printed = now
         line = tqdm.format_meter(self.n, self.total, now - self.start, prefix=self.desc,
                                  postfix=self.postfix or None, initial=self.initial, ascii=True)
-        print(line, file=self.file, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
 
 
 def _fmt(metrics: dict[str, float]) -> dict[str, str]:

@@ -6,12 +6,13 @@ import time
 import torch
 
 from raytrainer.callbacks.base import Callback
+from raytrainer.utilities import infer_batch_size
 
 
 class ThroughputMonitor(Callback):
     """Logs, every ``log_every_n_steps`` optimizer steps, over the steps since the last log:
 
-    - ``throughput/samples_per_sec``: samples of all workers (the batch size the loop infers,
+    - ``throughput/samples_per_sec``: samples of all workers (each batch's size, inferred as the loop does,
       times the world size: every worker runs the same number of batches) per second;
     - ``throughput/steps_per_sec``: optimizer steps per second;
     - on CUDA, ``throughput/gpu_mem_allocated_gb`` and ``throughput/gpu_mem_max_allocated_gb``
@@ -27,14 +28,14 @@ class ThroughputMonitor(Callback):
     rank_zero_only = True
 
     def __init__(self):
-        self._run = None
         self._t0: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._run = trainer._run
         self._world_size = trainer.world_size
-        self._device = self._run.device if self._run.device.type == "cuda" else None
-        self._restart(self._run.global_step)
+        self._every = trainer.log_every_n_steps
+        device = trainer.strategy.root_device
+        self._device = device if device.type == "cuda" else None
+        self._restart(trainer.global_step)
 
     def _restart(self, step: int) -> None:
         self._samples = 0
@@ -43,10 +44,9 @@ class ThroughputMonitor(Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        run = self._run
-        self._samples += run.metrics.batch_size
-        step = run.global_step
-        if step != self._last_step and step % run.cfg.log_every_n_steps == 0:
+        self._samples += infer_batch_size(batch)
+        step = trainer.global_step
+        if step != self._last_step and step % self._every == 0:
             self._emit(trainer, step)
 
     def _emit(self, trainer, step: int) -> None:
@@ -69,4 +69,4 @@ class ThroughputMonitor(Callback):
             self._paused += time.perf_counter() - self._validation_t0
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._run, self._t0 = None, None
+        self._t0 = None

@@ -6,9 +6,14 @@ directory and copies it up on ``save()``/``finalize()``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import tempfile
+
+from raytrainer import storage
+
+log = logging.getLogger(__name__)
 
 _FILE_SCHEME = "file://"
 
@@ -43,8 +48,6 @@ def resolve_log_dir(log_dir: str, prefix: str) -> tuple[str, str, str | None]:
 def _filesystem(remote_uri: str, storage_options=None):
     # The same resolution as checkpoints (raytrainer.storage): the Trainer's storage_options, and
     # AWS_ENDPOINT_URL applied explicitly for s3:// -- so logs and checkpoints go to one place.
-    from raytrainer import storage  # imported here: loggers on local paths never pay for fsspec
-
     return storage.filesystem(remote_uri, storage_options)
 
 
@@ -66,8 +69,8 @@ def sync_dir_to_remote(local_dir: str, remote_uri: str,
         try:
             return sync_dir_to_remote(local_dir, remote_uri, uploaded, storage_options)
         except Exception as e:
-            print(f"[raytrainer] uploading logs to {remote_uri} failed ({type(e).__name__}: {e}); "
-                  f"they stay in {local_dir} and the next upload sends them", flush=True)
+            log.warning("uploading logs to %s failed (%s: %s); they stay in %s and the next upload sends them",
+                        remote_uri, type(e).__name__, e, local_dir)
             return []
     fs, root = _filesystem(remote_uri, storage_options)
     sent = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import fcntl
 import os
 import re
@@ -10,6 +11,8 @@ from typing import Any, Mapping
 
 from raytrainer.loggers import _hparams, _sync
 from raytrainer.loggers.base import Logger
+
+log = logging.getLogger(__name__)
 
 # MLflow's documented limits (mlflow.utils.validation), fixed here so they hold for every version:
 # 6000-char param values since MLflow 2.x (500 before), 250-char keys, 100 params and 1000 metrics
@@ -176,8 +179,7 @@ class MLflowLogger(Logger):
             try:
                 run = client.get_run(self._run_id)
             except MlflowException:  # e.g. the checkpoint came from a run on another tracking store
-                print(f"[raytrainer] MLflowLogger: run {self._run_id} is not in {self._uri}; "
-                      "starting a new MLflow run", flush=True)
+                log.warning("MLflowLogger: run %s is not in %s; starting a new MLflow run", self._run_id, self._uri)
                 self._run_id = None
             else:
                 if run.info.status != "RUNNING":
@@ -188,8 +190,8 @@ class MLflowLogger(Logger):
             run = client.create_run(self._experiment_id(), run_name=self._run_name, tags=self._tags)
             self._run_id = run.info.run_id
         self._opened = True
-        print(f"[raytrainer] MLflowLogger: tracking_uri={self._uri} "
-              f"experiment={self._experiment_name!r} run_id={self._run_id}", flush=True)
+        log.info("MLflowLogger: tracking_uri=%s experiment=%r run_id=%s", self._uri, self._experiment_name,
+                 self._run_id)
 
     def _find_trial_run(self) -> str | None:
         """This sweep trial's run, if an earlier attempt of the trial created one."""
@@ -215,9 +217,8 @@ class MLflowLogger(Logger):
         existing = client.get_run(self._run_id).data.params
         changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
         if changed:  # MLflow would reject the whole batch: log what is new, name what is not
-            print(f"[raytrainer] MLflowLogger: params {changed} differ from those already logged "
-                  f"to run {self._run_id}; MLflow params cannot change, keeping the old values",
-                  flush=True)
+            log.warning("MLflowLogger: params %s differ from those already logged to run %s; MLflow params "
+                        "cannot change, keeping the old values", changed, self._run_id)
         new = [Param(k, v) for k, v in flat.items() if k not in existing]
         for i in range(0, len(new), PARAMS_PER_BATCH):
             client.log_batch(self._run_id, params=new[i:i + PARAMS_PER_BATCH])

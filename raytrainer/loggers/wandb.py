@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import string
 import tempfile
 from typing import Any, Mapping
 
+from raytrainer import storage
+from raytrainer.checkpoint.store import list_committed
 from raytrainer.loggers import _hparams, _sync
 from raytrainer.loggers.base import Logger
+
+log = logging.getLogger(__name__)
 
 STEP_KEY = "trainer/global_step"
 
@@ -153,8 +158,6 @@ class WandbLogger(Logger):
             return None
         import yaml
 
-        from raytrainer import storage  # fsspec, only when there is a run dir to read
-
         try:
             fs, path = storage.filesystem(storage.join(self._run_dir, "config.yaml"),
                                           self._storage_options)
@@ -163,7 +166,7 @@ class WandbLogger(Logger):
             with fs.open(path, "r") as f:
                 loaded = yaml.safe_load(f)
         except (OSError, yaml.YAMLError) as e:  # an unreadable config never stops training
-            print(f"[raytrainer] WandbLogger: could not read the resolved config: {e}", flush=True)
+            log.warning("WandbLogger: could not read the resolved config: %s", e)
             return None
         # Written by the CLI without secrets; redacted again in case the file was edited by hand.
         return _hparams.redacted(loaded) if isinstance(loaded, dict) else None
@@ -190,10 +193,8 @@ class WandbLogger(Logger):
         """The newest committed checkpoint as a ``model`` artifact (once per checkpoint)."""
         if self._run_dir is None:
             return
-        from raytrainer import checkpoint as ckpt_io
-
         # finalize runs after the checkpoint writer drained, so the newest commit is final.
-        found = ckpt_io.list_committed(_sync.join(self._run_dir, "checkpoints"),
+        found = list_committed(_sync.join(self._run_dir, "checkpoints"),
                                        self._storage_options)
         if not found or found[-1] == self._logged_checkpoint:
             return

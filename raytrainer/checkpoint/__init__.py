@@ -1,0 +1,8 @@
+"""Checkpoints: the format (format.py), writing and reading (store.py, sharded.py for FSDP
+shards), background commits (writer.py), and which checkpoint a run starts from (resume.py).
+
+Public: ``load`` (also ``rt.load_checkpoint``), ``list_committed`` and ``latest_committed``
+(a run's committed checkpoints, oldest first / the newest)."""
+from raytrainer.checkpoint.store import latest_committed, list_committed, load
+
+__all__ = ["load", "list_committed", "latest_committed"]

@@ -1,0 +1,244 @@
+"""THE training loop. One implementation: in-process, in Ray Train workers and in Tune trials it is
+this code; what differs is the RunContext inside ``run.ctx``. It never imports ray.
+
+Read top to bottom: epochs -> batches -> (accumulate, clip, step) -> log -> validate ->
+checkpoint boundary. The event order is documented in ``raytrainer/callbacks/base.py``. The
+profiler is called at each stage (``with prof.region(...)``); with profiling off those calls
+return at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from raytrainer.loop.evaluate import run_evaluation
+from raytrainer.loop.loaders import TrainData
+from raytrainer.loop.preemption import handle_stop_request
+from raytrainer.profiler import (BACKWARD, DATA_NEXT, DATA_START, FORWARD, LOGGING, OPTIMIZER, SCHEDULERS,
+                                 VALIDATION)
+from raytrainer.utilities import infer_batch_size, move_to_device
+
+
+def fit_loop(run, train: TrainData, val_loaders: list) -> None:
+    run.hooks.call("on_fit_start")
+    run.hooks.call("on_train_start")
+    progress = run.progress
+    while not _fit_done(run):
+        finished_epoch = train_epoch(run, train, val_loaders)
+        if not finished_epoch:
+            break  # stopped mid-epoch (max_steps or should_stop): the epoch stays unfinished
+        _end_epoch(run)
+        progress.current_epoch += 1
+        progress.batches_done = 0
+        progress.epoch_finished = False
+    run.check_finite_losses()
+    run.hooks.call("on_train_end")
+    run.hooks.call("on_fit_end")
+
+
+def _fit_done(run) -> bool:
+    cfg, progress = run.cfg, run.progress
+    return (run.should_stop
+            or (cfg.max_steps != -1 and progress.global_step >= cfg.max_steps)
+            or (cfg.max_epochs != -1 and progress.current_epoch >= cfg.max_epochs))
+
+
+def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
+    """Run the rest of ``progress.current_epoch``; True when all its batches were consumed."""
+    cfg, module, metrics, hooks, progress, prof = run.cfg, run.module, run.metrics, run.hooks, run.progress, run.profiler
+    start = progress.batches_done
+    if start == 0:
+        metrics.start_epoch("train")
+    module.train()
+    hooks.call("on_train_epoch_start")
+    # Creating the iterator draws the epoch's shuffle seed; on a mid-epoch resume this restores
+    # the epoch-start RNG, skips `start` index batches, then restores the checkpoint's RNG.
+    with prof.region(DATA_START):
+        it = run.epoch_iterator(train)
+
+    n = run.num_training_batches
+    accumulate = cfg.accumulate_grad_batches
+    automatic = module.automatic_optimization
+    data_region = prof.region(DATA_NEXT)
+    window_has_grad = False
+    batch_idx = start
+    # With a known length, the last batch is known by index. Without one, one batch of lookahead
+    # tells (an accumulation window closes at the epoch's end). Lookahead is avoided otherwise:
+    # fetching batch b+1 before step b would move RNG draws of data loading across a checkpoint.
+    lookahead = math.isinf(n)
+    if batch_idx < n:
+        with data_region:
+            pending = next(it, _END)
+    else:
+        pending = _END
+    while pending is not _END:
+        batch = pending
+        if lookahead:
+            with data_region:
+                pending = next(it, _END)
+            is_last = pending is _END
+        else:
+            is_last = batch_idx + 1 >= n
+            pending = None  # fetched at the bottom of the loop, after this step
+        batch = move_to_device(batch, run.device)
+        metrics.batch_size = infer_batch_size(batch)
+        # self.log defaults to per-step values from on_train_batch_start to on_train_batch_end
+        # (training_step and the backward/optimizer hooks), per-epoch values elsewhere.
+        metrics.in_step = True
+        # hooks.on_x is None when nothing overrides on_x: a no-op hook costs no call per batch.
+        if hooks.on_train_batch_start is not None and hooks.on_train_batch_start(batch, batch_idx) == -1:
+            metrics.in_step = False
+            return True  # the module ended the epoch early (Lightning's -1): on to epoch end
+        progress.batches_done = batch_idx + 1
+        steps_before = progress.global_step
+        window_done = (batch_idx + 1) % accumulate == 0 or is_last
+        if automatic:
+            if window_done:
+                outputs, backward_done = _forward_backward(run, batch, batch_idx)
+            else:
+                # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers
+                # the communication to the window's last backward.
+                with run.strategy.no_sync():
+                    outputs, backward_done = _forward_backward(run, batch, batch_idx)
+            window_has_grad |= backward_done
+            if window_done:
+                if window_has_grad:  # a window whose every step returned None skips the step
+                    with prof.region(OPTIMIZER):
+                        run.optimizer_step()
+                    progress.global_step += 1
+                    prof.step()
+                    if run.scheduler_configs:
+                        with prof.region(SCHEDULERS):
+                            run.step_schedulers("step")
+                window_has_grad = False
+        else:
+            with prof.region(FORWARD), run.precision.autocast():
+                outputs = run.training_step(batch, batch_idx)
+            window_done = True
+        if hooks.on_train_batch_end is not None:
+            hooks.on_train_batch_end(outputs, batch, batch_idx)
+        metrics.in_step = False
+
+        if progress.global_step != steps_before and progress.global_step % cfg.log_every_n_steps == 0:
+            # The only per-step host syncs, and only every log_every_n_steps steps.
+            with prof.region(LOGGING):
+                run.check_finite_losses()
+                step_metrics = metrics.logger_filter(metrics.step_metrics(), "train")
+                step_metrics["epoch"] = float(progress.current_epoch)
+                run.log_to_loggers(step_metrics, progress.global_step)
+
+        if val_loaders and _validation_due(run, batch_idx, is_last):
+            with prof.region(VALIDATION):
+                run_evaluation(run, val_loaders, "validate")
+            run.boundary.validated = True
+        if window_done:
+            checkpoint_boundary(run, "step")
+        batch_idx += 1
+        if run.should_stop or (cfg.max_steps != -1 and progress.global_step >= cfg.max_steps):
+            return is_last
+        if not lookahead:
+            if is_last:
+                pending = _END
+            else:
+                with data_region:
+                    pending = next(it, _END)
+    return True
+
+
+def _end_epoch(run) -> None:
+    """Epoch end: hooks, epoch aggregates to the loggers, epoch schedulers, boundary."""
+    # The epoch's aggregates are reduced between the module's hook and the callbacks', so callbacks
+    # (EarlyStopping without validation) see this epoch's values, including those the module logs
+    # in its own on_train_epoch_end, as in Lightning; what callbacks log is reduced after them.
+    run.hooks.call_module("on_train_epoch_end")
+    values = run.metrics.end_epoch("train")
+    run.hooks.call_callbacks("on_train_epoch_end")
+    values.update(run.metrics.end_epoch("train"))
+    values = run.metrics.logger_filter(values, "train")
+    if values:
+        values["epoch"] = float(run.progress.current_epoch)
+        with run.profiler.region(LOGGING):
+            run.log_to_loggers(values, run.progress.global_step)
+    with run.profiler.region(SCHEDULERS):
+        run.step_schedulers("epoch")
+    run.progress.epoch_finished = True
+    checkpoint_boundary(run, "epoch")
+    for lg in run.loggers:
+        lg.save()
+
+
+def checkpoint_boundary(run, kind: str) -> None:
+    """A point from which a resumed run continues exactly like this one: checkpoints go here."""
+    boundary = run.boundary
+    boundary.kind = kind
+    run.hooks.call_callbacks("on_checkpoint_boundary")
+    # A SIGTERM, Ctrl-C or Ray's drain notice, agreed on by every rank (loop/preemption.py).
+    request = run.ctx.poll_stop(run.progress.global_step, kind == "epoch")
+    if request is not None:
+        handle_stop_request(run, request)
+    boundary.kind = None
+    if boundary.validated or boundary.checkpoint:
+        # One report per validation or checkpoint, never per step: Ray drains reports on a poll
+        # (a report is a barrier), and a Tune iteration is one validation.
+        run.ctx.report(run.metrics_for_report(), boundary.checkpoint)
+    boundary.checkpoint = None
+    boundary.validated = False
+
+
+def _forward_backward(run, batch: Any, batch_idx: int):
+    prof = run.profiler
+    with prof.region(FORWARD), run.precision.autocast():
+        outputs = run.training_step(batch, batch_idx)
+    loss = extract_loss(outputs)
+    if loss is None:
+        return outputs, False
+    run.note_loss(loss)  # checked on logging steps
+    # Backward runs outside autocast (as torch recommends); the loss is averaged over the
+    # window so k accumulated micro-batches equal one batch k times larger.
+    k = run.cfg.accumulate_grad_batches
+    with prof.region(BACKWARD):
+        run.backward(loss / k if k > 1 else loss)
+    return outputs, True
+
+
+def extract_loss(outputs: Any) -> torch.Tensor | None:
+    if outputs is None:
+        return None
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if isinstance(outputs, dict) and "loss" not in outputs:
+        raise ValueError(f"training_step returned a dict without a 'loss' key (keys: {sorted(outputs)}); "
+                         "return the loss tensor, a dict with 'loss', or None to skip the batch")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"training_step returned {type(loss).__name__}; return the loss tensor, "
+                        "a dict with 'loss', or None to skip the batch")
+    if loss.numel() != 1:
+        raise ValueError(f"training_step's loss has shape {tuple(loss.shape)}; it must be a scalar "
+                         "(reduce it with .mean() or .sum())")
+    if not loss.requires_grad:
+        raise ValueError("training_step's loss does not require grad (was it detached, computed "
+                         "under torch.no_grad(), or from a module without trainable parameters?); "
+                         "return the loss tensor itself, computed from the module's parameters")
+    return loss
+
+
+def _validation_due(run, batch_idx: int, is_last: bool) -> bool:
+    cfg = run.cfg
+    if cfg.limit_val_batches == 0:
+        return False
+    epoch = run.progress.current_epoch
+    if cfg.check_val_every_n_epoch is not None and (epoch + 1) % cfg.check_val_every_n_epoch:
+        return False
+    vci = cfg.val_check_interval
+    if isinstance(vci, float):
+        if vci == 1.0 or math.isinf(run.num_training_batches):
+            return is_last
+        every = max(1, int(run.num_training_batches * vci))
+        return (batch_idx + 1) % every == 0 or is_last
+    if cfg.check_val_every_n_epoch is None:  # an int interval counts batches across epochs
+        return (epoch * run.num_training_batches + batch_idx + 1) % vci == 0
+    return (batch_idx + 1) % vci == 0
+
+
+_END = object()

@@ -1,0 +1,294 @@
+"""Run: what one fit/validate/test/predict call holds while it runs, declared in ``__init__``.
+
+The loop (fit.py, evaluate.py) drives a Run and decides *when* everything happens; the Run knows
+*how*: optimizer steps, backward, schedulers, checkpoint saves. The loop's position lives in
+``progress`` (saved in every checkpoint: state.py) and what happened since the last checkpoint
+boundary in ``boundary``; both are small declared records the loop advances. Every other
+attribute is set here, by the Run's own methods. The Trainer's Lightning attributes
+(``global_step``, ``callback_metrics``...) read from the Run; the Module's ``self.log`` and manual
+optimization calls come to it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raytrainer.checkpoint import store
+from raytrainer.checkpoint.format import checkpoint_uri
+from raytrainer.checkpoint.writer import CheckpointWriter
+from raytrainer.errors import NonFiniteLossError
+from raytrainer.loop import state
+from raytrainer.loop.hooks import Hooks, merge_callbacks
+from raytrainer.loop.metrics import MetricCollector
+from raytrainer.loop.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
+from raytrainer.loop.precision import build_precision
+from raytrainer.loop.strategy import build_strategy, noting_the_batch
+from raytrainer.module import Module, is_overridden
+from raytrainer.profiler import CHECKPOINT_SAVE, CHECKPOINT_WAIT, OPTIMIZER, NoProfiler
+
+
+@dataclass
+class Progress:
+    """Where the loop stands (Lightning's loop counters); saved in every checkpoint."""
+    global_step: int = 0           # optimizer steps taken
+    current_epoch: int = 0
+    batches_done: int = 0          # batches of current_epoch consumed
+    epoch_finished: bool = False   # True at an epoch-end boundary, until the next epoch starts
+
+    def position(self) -> tuple[int, bool]:
+        """What identifies a checkpoint: two saves at one position hold the same state."""
+        return self.global_step, self.epoch_finished
+
+
+@dataclass
+class Boundary:
+    """What happened since the last checkpoint boundary (fit.py's ``checkpoint_boundary``)."""
+    kind: str | None = None        # "step" | "epoch" while on_checkpoint_boundary runs
+    validated: bool = False        # a validation ran: its metrics are reported there
+    checkpoint: str | None = None  # a checkpoint saved there: reported with the metrics
+
+
+class Run:
+    def __init__(self, trainer, module, ctx, stage: str, datamodule=None, profiler=None):
+        self.trainer = trainer
+        self.module = module
+        self.ctx = ctx
+        self.cfg = trainer.cfg
+        self.stage = stage
+        self.datamodule = datamodule
+        self.device = ctx.device
+        self.profiler = profiler if profiler is not None else NoProfiler()
+        self.metrics = MetricCollector(ctx.all_reduce, ctx.world_size)
+        callbacks = merge_callbacks(trainer.callbacks, module.configure_callbacks())
+        if ctx.global_rank != 0:
+            # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.
+            callbacks = [cb for cb in callbacks if not getattr(cb, "rank_zero_only", False)]
+        self.callbacks = callbacks
+        self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
+        self.hooks = Hooks(trainer, module, self.callbacks, self.profiler)
+        self.precision = build_precision(self.cfg.precision, self.device)
+        self.writer = CheckpointWriter(asynchronous=self.cfg.async_checkpoint, policy=self.cfg.checkpoint_retry)
+        # Distributed only for training: evaluation needs no gradient sync, and each rank keeps
+        # the full weights.
+        self.strategy = build_strategy(self.cfg.strategy, module, self.device, ctx,
+                                       distributed=ctx.world_size > 1 and stage == "fit")
+        self.training_step = None  # the strategy's training step (setup_strategy)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.scheduler_configs: list[SchedulerConfig] = []
+        self.optimizer_handles: list[OptimizerHandle] = []
+        self.progress = Progress()
+        self.boundary = Boundary()
+        self.num_training_batches: float = math.inf
+        self.num_val_batches: list[float] = []   # per validation loader, after limit_val_batches
+        self.epoch_data_state: dict | None = None  # RNG at the epoch's start (mid-epoch resume)
+        self.resume_rng: dict | None = None        # the checkpoint's RNG, restored after the skip
+        self.should_stop = False
+        self.preempted: str | None = None  # the signal that stopped the fit (loop/preemption.py)
+        self.last_saved_position: tuple[int, bool] | None = None
+        self.recent_losses: list[tuple[int, torch.Tensor]] = []  # since the last finiteness check
+
+    # ------------------------------------------------------------------ setup
+    def setup_strategy(self) -> None:
+        """Place (and for training, wrap) the model; after the module's own setup()."""
+        self.strategy.setup()
+        self.training_step = noting_the_batch(self.strategy.step_fn("training_step"), "training_step")
+
+    def set_data_sizes(self, num_training_batches: float, num_val_batches: list[float]) -> None:
+        self.num_training_batches = num_training_batches
+        self.num_val_batches = list(num_val_batches)
+
+    @property
+    def has_validation(self) -> bool:
+        return sum(self.num_val_batches) > 0
+
+    def epoch_iterator(self, train) -> Any:
+        """The iterator over the rest of the current epoch's batches (``TrainData``); keeps the
+        RNG state at the epoch's start, which a mid-epoch checkpoint saves."""
+        start = self.progress.batches_done
+        it, self.epoch_data_state = train.epoch_iterator(
+            self.progress.current_epoch, start, self.epoch_data_state if start else None,
+            self.resume_rng if start else None)
+        self.resume_rng = None
+        return it
+
+    def configure_optimizers(self) -> None:
+        module = self.module
+        if not module.automatic_optimization:
+            # The loop never clips or accumulates for a module that steps its own optimizers:
+            # refuse the arguments instead of silently ignoring them (as Lightning does).
+            for arg, off in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
+                if getattr(self.cfg, arg) != off:
+                    raise ValueError(f"Trainer({arg}={getattr(self.cfg, arg)!r}) is not supported with "
+                                     f"manual optimization ({type(module).__name__}."
+                                     "automatic_optimization = False): call self.clip_gradients(...) "
+                                     "or accumulate in training_step instead")
+            if not is_overridden("configure_optimizers", module, Module):
+                return  # manual optimization without optimizers of ours to manage
+        self.optimizers, self.scheduler_configs = parse_optimizers(module.configure_optimizers())
+        self.optimizer_handles = [OptimizerHandle(o, self) for o in self.optimizers]
+        self.strategy.set_optimizers(self.optimizers)
+        if module.automatic_optimization and len(self.optimizers) > 1:
+            raise ValueError("configure_optimizers() returned several optimizers: set "
+                             "self.automatic_optimization = False in __init__ and step them in "
+                             "training_step (manual optimization), as in Lightning")
+        if module.automatic_optimization and not self.optimizers:
+            raise TypeError("configure_optimizers() returned no optimizer")
+
+    # ------------------------------------------------------------------ what modules call
+    def log(self, name: str, value: Any, **options: Any) -> None:
+        self.metrics.log(name, value, **options)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
+        if hooks.on_before_backward is not None:
+            hooks.on_before_backward(loss)
+        self.precision.backward(loss)
+        if hooks.on_after_backward is not None:
+            hooks.on_after_backward()
+
+    def clip_gradients(self, optimizer, clip_val=None, algorithm=None) -> None:
+        clip_val = self.cfg.gradient_clip_val if clip_val is None else clip_val
+        if not clip_val:
+            return
+        algorithm = algorithm or self.cfg.gradient_clip_algorithm
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+
+    def manual_optimizer_step(self, optimizer, closure=None) -> None:
+        """``self.optimizers().step()`` in manual optimization: one global step."""
+        with self.profiler.region(OPTIMIZER):
+            self.precision.unscale(optimizer)
+            self.hooks.call("on_before_optimizer_step", optimizer)
+            self.precision.step(optimizer, closure)
+            self.precision.update()
+        self.progress.global_step += 1
+        self.profiler.step()
+
+    # ------------------------------------------------------------------ what the loop calls
+    def optimizer_step(self) -> None:
+        """Unscale, hooks, clip, step, zero_grad for every optimizer: one automatic step."""
+        hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
+        for optimizer in self.optimizers:
+            self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
+            if hooks.on_before_optimizer_step is not None:
+                hooks.on_before_optimizer_step(optimizer)
+            if self.cfg.gradient_clip_val:
+                self.clip_gradients(optimizer)
+            self.precision.step(optimizer)
+            if hooks.on_before_zero_grad is not None:
+                hooks.on_before_zero_grad(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.precision.update()
+
+    def step_schedulers(self, interval: str) -> None:
+        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
+        In manual optimization the module steps its schedulers itself (as in Lightning)."""
+        if not self.scheduler_configs or not self.module.automatic_optimization:
+            return
+        count = self.progress.global_step if interval == "step" else self.progress.current_epoch + 1
+        for cfg in self.scheduler_configs:
+            if cfg.interval != interval or count % cfg.frequency:
+                continue
+            if cfg.is_plateau:
+                metrics = self.metrics.callback_metrics()
+                if cfg.monitor not in metrics:
+                    if not cfg.strict:
+                        continue
+                    raise KeyError(f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged; "
+                                   f"logged metrics: {sorted(metrics)}. Log it with self.log({cfg.monitor!r}, "
+                                   "...), fix the 'monitor' name, or set 'strict': False in the scheduler config")
+                cfg.scheduler.step(float(metrics[cfg.monitor]))
+            else:
+                cfg.scheduler.step()
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Keep the step's loss (on the device) for the next finiteness check."""
+        self.recent_losses.append((self.progress.global_step, loss.detach()))
+
+    def check_finite_losses(self) -> None:
+        """Raise at the first non-finite loss since the last check (one host sync for all of
+        them). Runs on logging steps and before every checkpoint snapshot, so a checkpoint of
+        weights trained on a NaN/inf loss is never committed."""
+        if not self.recent_losses:
+            return
+        steps, losses = zip(*self.recent_losses)
+        self.recent_losses = []
+        # The values themselves, tested on the host: two tensor ops (one for a single loss, as
+        # with log_every_n_steps=1) instead of stack, cast, isfinite and tolist on every check.
+        # (A loss may have any shape with one element, e.g. (1,): flatten before reading.)
+        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).flatten().tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        raise NonFiniteLossError(
+            f"the training loss was {values[bad]} at step {steps[bad]} (epoch {self.progress.current_epoch}); "
+            "training stopped and no checkpoint of the weights after it was committed. Lower the learning "
+            "rate, clip gradients (gradient_clip_val), check the data for NaN/inf, or use "
+            "precision='bf16-mixed' instead of '16-mixed'; resume from the last checkpoint with ckpt_path='last'")
+
+    def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            self.metrics.logged_metrics.update(metrics)
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step)
+
+    def set_should_stop(self, value: bool = True, preempted_by: str | None = None) -> None:
+        """``trainer.should_stop = value`` (EarlyStopping, a module); ``preempted_by``: the signal
+        that stopped the fit (loop/preemption.py)."""
+        self.should_stop = value
+        if preempted_by is not None:
+            self.preempted = preempted_by
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_uri(self) -> str:
+        """Where a checkpoint of the current position goes (deterministic: step and boundary)."""
+        return checkpoint_uri(self.cfg, *self.progress.position())
+
+    def saved_current_position(self) -> bool:
+        return self.last_saved_position == self.progress.position()
+
+    def save_checkpoint(self, after_commit: list | None = None) -> str:
+        """Snapshot the current state as ``checkpoints/step=...`` and return its URI; once per
+        position (a second save there only runs ``after_commit``). The commit completes in the
+        background (``Trainer(async_checkpoint=True)``); ``after_commit`` runs once it has."""
+        self.check_finite_losses()
+        uri = self.checkpoint_uri()
+        if self.saved_current_position():
+            if after_commit:  # e.g. a second ModelCheckpoint at the same boundary: its retention
+                self.writer.submit(lambda: None, list(after_commit), f"retention after {uri}")
+            return uri
+        with self.profiler.region(CHECKPOINT_WAIT):
+            self.writer.wait()  # the commit in flight (or its failure) comes first
+        with self.profiler.region(CHECKPOINT_SAVE):
+            store.save(uri, state.checkpoint_state(self), self.cfg.storage_options, self.ctx,
+                       meta={"fit_token": getattr(self.ctx, "fit_token", None)}, writer=self.writer,
+                       after_commit=after_commit, sharded=self.strategy.sharded_checkpoint)
+        self.last_saved_position = self.progress.position()
+        for lg in self.loggers:
+            lg.save()
+        self.boundary.checkpoint = uri  # reported with the boundary's metrics (fit.py)
+        return uri
+
+    def wait_for_commits(self) -> None:
+        """Every checkpoint committed (or its failure raised): before fit returns."""
+        with self.profiler.region(CHECKPOINT_WAIT):
+            self.writer.wait()
+
+    def restore(self, checkpoint: dict, weights_only: bool = False, own_run: bool = True) -> None:
+        """Load a checkpoint (loop/state.py); ``weights_only`` for validate/test/predict."""
+        position = state.restore(self, checkpoint, weights_only=weights_only, own_run=own_run)
+        if position is not None:
+            self.epoch_data_state = position.epoch_data_state
+            self.resume_rng = position.resume_rng
+            self.last_saved_position = position.saved_position
+
+    def metrics_for_report(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.metrics.callback_metrics().items() if v.numel() == 1}
+        out.update(epoch=self.progress.current_epoch, step=self.progress.global_step)
+        return out

@@ -1,0 +1,71 @@
+"""Every use of Ray's private API, in one room (Ray 2.60; each pinned by a test that fails when a
+Ray upgrade moves it). Everything else uses Ray's public API only.
+
+- Ray Data's execution counter (``DataContext._execution_idx``), which per-execution shuffle
+  seeds depend on: a restarted worker group must resume it (runtime/ray_data.py), and an
+  in-process Ray Dataset is deep-copied (``Dataset.copy(_deep_copy=True)``) so each epoch's
+  execution options are its own.
+- Ray Train's worker-group callbacks (``WorkerGroupCallback``): code on every worker actor's main
+  thread, where signal handlers live, after each (re)start of the group.
+- ``TorchTrainer._register_sigint_handler``: Ray Train's Ctrl-C handler (abort, no checkpoint),
+  which raytrainer replaces with its own (stop at an agreed step with a committed checkpoint).
+- The names of loggers whose notices about a healthy run are noise to users.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+# Loggers whose messages about a healthy run raytrainer silences where it triggers them.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled"
+TUNE_STORAGE_LOGGER = "ray.train._internal.storage"  # one INFO line per (tiny) Tune checkpoint
+TUNE_RESULT_LOGGER = "ray.tune.logger.logger"        # "Remote file not found" on PBT restores
+
+
+def train_report_logger_name() -> str:
+    """Ray Train 2.60 logs every report at INFO through a logger named by its file path, which
+    ``LoggingConfig(log_level=...)`` does not reach."""
+    from ray.train.v2._internal.execution import context
+    return context.__file__
+
+
+def copy_dataset(ds: Any) -> Any:
+    """A copy of ``ds`` with its own DataContext (execution options, execution counter)."""
+    from ray.data import Dataset
+    return Dataset.copy(ds, _deep_copy=True)
+
+
+def dataset_at_execution(ds: Any, index: int) -> Any:
+    """A copy of ``ds`` whose next execution is Ray Data's execution number ``index`` (what a
+    per-execution seed such as ``RandomSeedConfig(reseed_after_execution=True)`` depends on)."""
+    ds = copy_dataset(ds)
+    ds.context._execution_idx = index
+    return ds
+
+
+def execution_index(ds: Any) -> int:
+    return ds.context._execution_idx
+
+
+def worker_group_callback(on_start: Callable[[], Any]):
+    """A Ray Train callback that runs ``on_start`` on every worker actor's main thread after the
+    worker group (re)starts, before the training function does."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class OnWorkerGroupStart(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            worker_group.execute(on_start)
+
+    return OnWorkerGroupStart()
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_class_without_sigint_handler():
+    """``TorchTrainer`` whose ``fit()`` leaves the caller's SIGINT handler in place."""
+    from ray.train.torch import TorchTrainer
+
+    class FitTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            pass
+
+    return FitTrainer

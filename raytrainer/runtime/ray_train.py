@@ -1,0 +1,181 @@
+"""launcher="ray": run ``execute`` in Ray Train workers (a TorchTrainer).
+
+Driver <-> workers: the job (trainer, module, data) goes to the object store once; rank 0 sends
+the final weights and results back through a small mailbox actor (runtime/mailbox.py), and every
+rank sends its exception there before it dies, so the driver re-raises the user's own exception
+type. Which Ray, and with which settings: runtime/cluster.py.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+import threading
+import uuid
+from contextlib import nullcontext
+
+from raytrainer import storage
+from raytrainer.errors import ConfigError
+from raytrainer.loop.execute import execute
+from raytrainer.loop.preemption import StopFlag
+from raytrainer.runtime import ray_internals
+from raytrainer.runtime.cluster import driver_pythonpath, ensure_ray, environment, import_ray, ray_settings
+from raytrainer.runtime.mailbox import Mailbox, pack_error, unpack_error
+from raytrainer.runtime.preflight import log_resolved
+from raytrainer.runtime.ray_context import RayTrainContext
+from raytrainer.runtime.ray_data import data_config, materialize, split_ray_datasets
+from raytrainer.runtime.signals import install_worker_sigterm_handler, stop_on_signals, worker_sigterm
+from raytrainer.utilities import show_info_logs
+
+ray = import_ray()
+
+
+def _train_fn(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    show_info_logs()  # this process's own: a worker's notices reach the driver like its prints
+    logging.getLogger(ray_internals.train_report_logger_name()).setLevel(logging.WARNING)
+    job = ray.get(config["job"])
+    mailbox = config["mailbox"]
+    trainer, module, stage = job["trainer"], job["module"], job["stage"]
+    ctx = RayTrainContext(job["use_gpu"], job["fit_token"], trainer.cfg,
+                          stop_source=mailbox if stage == "fit" else None,
+                          report_queue=job.get("report_queue"))
+    if ctx.global_rank == 0:
+        ray.get(mailbox.drop_errors.remote())
+    sigterm = worker_sigterm() if stage == "fit" else None
+    if sigterm is not None:
+        sigterm.driver_alive = functools.partial(_alive, mailbox)
+        sigterm.training.set()  # a SIGTERM now commits a checkpoint first (runtime/signals.py)
+    try:
+        out = execute(trainer, stage, module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
+                      job["resume_uri"], ctx)
+    except BaseException as e:
+        ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", pack_error(e, ctx.global_rank)))
+        raise
+    finally:
+        if sigterm is not None:
+            sigterm.training.clear()
+    # Gathering the full weights is a collective under FSDP: every rank takes part.
+    weights = trainer.strategy.model_state_dict() if stage == "fit" else None
+    if ctx.global_rank == 0:
+        if weights is not None:
+            out["state_dict"] = {k: v.detach().cpu() for k, v in weights.items()}
+        out["callbacks"] = trainer._callback_states()
+        out["log_dir"] = trainer.log_dir
+        # As opaque bytes: unpickling tensors in the mailbox would make it import torch (~0.8 s
+        # at the end of every fit); only the driver unpickles.
+        ray.get(mailbox.put.remote("result", pickle.dumps(out)))
+
+
+def _alive(mailbox) -> bool:
+    """Whether the driver's mailbox (which lives as long as the process that called fit) answers."""
+    try:
+        ray.get(mailbox.get.remote("stop"), timeout=5)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return True  # slow, not gone: treat the SIGTERM as meant for this worker
+    except Exception:
+        return False
+
+
+def worker_layout(cfg, stage: str, cluster_gpus: int) -> tuple[bool, int]:
+    """``(use_gpu, num_workers)`` for ``Trainer(accelerator, devices)`` on a cluster with
+    ``cluster_gpus`` GPUs: devices="auto" is every GPU of the cluster when the workers use GPUs,
+    else one worker."""
+    if cfg.accelerator == "gpu" and cluster_gpus == 0:
+        raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
+    use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cluster_gpus > 0)
+    num_workers = cfg.devices if cfg.devices != "auto" else (cluster_gpus if use_gpu else 1)
+    if stage == "predict":
+        num_workers = 1  # predictions come back in order from one worker
+    return use_gpu, num_workers
+
+
+def _resources(cfg, use_gpu: bool, num_workers: int, has_datasets: bool) -> dict:
+    if cfg.resources_per_worker is not None:
+        res = dict(cfg.resources_per_worker)
+    else:
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        # Leave a CPU for Ray Data's read tasks: with every CPU given to workers a lazy
+        # read_parquet deadlocks (RAY_NOTES.md).
+        spare = 1 if has_datasets else 0
+        cpu = min(1.0, max(0.1, (total_cpus - spare) / num_workers))
+        res = {"CPU": round(cpu, 2)}
+    if use_gpu:
+        res.setdefault("GPU", 1)
+    return res
+
+
+def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_uri: str | None,
+               report_queue=None) -> dict:
+    """``report_queue``: a ray.util.queue.Queue that rank 0 also puts every report in, as
+    ``(metrics, checkpoint_uri)`` (a multi-worker sweep trial forwards them to Tune)."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cfg = trainer.cfg
+    ensure_ray()
+    use_gpu, num_workers = worker_layout(cfg, stage, int(ray.cluster_resources().get("GPU", 0)))
+    datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders)
+    per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
+    settings = ray_settings()
+    log_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "
+                                 f"resources_per_worker={per_worker} ray_poll_s="
+                                 f"{settings['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
+    fit_token = uuid.uuid4().hex
+    job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
+           "resume_uri": resume_uri, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token,
+           "report_queue": report_queue}
+    # On the driver's own node: it lives exactly as long as the driver. Anywhere else (a 0-CPU
+    # actor can land on any node) the loss of a worker node would take the results with it.
+    mailbox = Mailbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
+    # On a local cluster, workers import the driver's modules (scripts, tests, notebooks) from
+    # the driver's path; under `ray job submit` the job's working_dir provides them instead.
+    worker_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
+    own_signals = stage == "fit" and report_queue is None
+    trainer_class = ray_internals.trainer_class_without_sigint_handler() if own_signals else TorchTrainer
+    torch_trainer = trainer_class(
+        _train_fn,
+        train_loop_config={"job": ray.put(job), "mailbox": mailbox},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name="_ray", storage_path=ray_storage, storage_filesystem=ray_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=3),
+                             worker_runtime_env=worker_env,
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             # Each (re)started worker group: SIGTERM commits a checkpoint first.
+                             callbacks=[ray_internals.worker_group_callback(install_worker_sigterm_handler)]
+                             if stage == "fit" else None),
+        datasets=datasets or None,
+        dataset_config=data_config(datasets, cfg, fit_token, resume_uri) if datasets else None,
+    )
+
+    def tell_workers(reason: str) -> None:  # from a signal handler: no Ray call in the handler
+        threading.Thread(target=lambda: mailbox.put.remote("stop", reason), daemon=True).start()
+
+    try:
+        # SIGTERM / Ctrl-C here: the workers stop at an agreed step with a committed checkpoint
+        # and return normally (an error would make Ray restart them); Trainer raises Preempted.
+        # Ray Train reads its settings from the environment when the run starts: set for it alone.
+        with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else nullcontext(), \
+                environment(settings):
+            torch_trainer.fit()
+    except Exception:
+        errors = ray.get(mailbox.get_all.remote())
+        worker_errors = sorted((v for k, v in errors.items() if k.startswith("error/")), key=lambda e: e["time"])
+        if worker_errors:
+            # The first error raised is the cause; the others are ranks losing their peers.
+            raise unpack_error(worker_errors[0]) from None
+        raise
+    finally:
+        items = ray.get(mailbox.get_all.remote())
+        ray.kill(mailbox)
+    out = pickle.loads(items["result"])  # written by our own rank 0 (see _train_fn)
+    if stage == "fit":
+        module.load_state_dict(out.pop("state_dict"))
+    trainer._finished_on_workers(out)
+    return out

@@ -1,0 +1,14 @@
+"""Sweeps on Ray Tune: ``rt.sweep`` (sweep.py), what one trial runs (trial.py), what a sweep
+returns (result.py). Also Tune's search-space helpers, imported from Ray only when used:
+``rt.tune.loguniform(1e-4, 1e-1)``, ``rt.tune.choice([32, 64])``, ..."""
+from __future__ import annotations
+
+SEARCH_HELPERS = ("uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn", "randint",
+                  "qrandint", "lograndint", "qlograndint", "choice", "grid_search", "sample_from")
+
+
+def __getattr__(name: str):
+    if name in SEARCH_HELPERS:
+        from ray import tune  # seconds to import: only when a search space is built
+        return getattr(tune, name)
+    raise AttributeError(f"module 'raytrainer.tune' has no attribute {name!r}")

@@ -1,0 +1,44 @@
+"""Ray's private API that raytrainer relies on (runtime/ray_internals.py), pinned: each test fails
+when a Ray upgrade moves or renames what the adapter reaches, before anything else breaks."""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+
+from raytrainer.runtime import ray_internals
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_worker_group_callback_hook_and_execute_exist():
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+    assert hasattr(WorkerGroupCallback, "after_worker_group_start")
+    assert callable(getattr(WorkerGroup, "execute", None))
+    callback = ray_internals.worker_group_callback(lambda: None)
+    assert isinstance(callback, WorkerGroupCallback)
+
+
+def test_torch_trainer_sigint_handler_is_the_method_we_replace():
+    from ray.train.torch import TorchTrainer
+    assert list(inspect.signature(TorchTrainer._register_sigint_handler).parameters) == ["self", "controller"]
+    fit_trainer = ray_internals.trainer_class_without_sigint_handler()
+    assert issubclass(fit_trainer, TorchTrainer) and fit_trainer._register_sigint_handler(None, None) is None
+
+
+def test_dataset_copies_carry_their_own_execution_counter():
+    import ray.data
+    ds = ray.data.range(3)
+    at_four = ray_internals.dataset_at_execution(ds, 4)
+    assert ray_internals.execution_index(at_four) == 4 and ray_internals.execution_index(ds) != 4
+    assert ray_internals.copy_dataset(ds).context is not ds.context
+
+
+def test_the_loggers_we_quiet_exist_in_ray():
+    import importlib
+    for name in (ray_internals.TOKEN_AUTH_LOGGER, ray_internals.TUNE_STORAGE_LOGGER, ray_internals.TUNE_RESULT_LOGGER):
+        module = importlib.import_module(name)  # each logs through logging.getLogger(__name__)
+        assert module.logger is logging.getLogger(name)
+    assert ray_internals.train_report_logger_name().endswith("context.py")
