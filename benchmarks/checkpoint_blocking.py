@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as rt
-from raytrainer import run as run_module
+from raytrainer.loop import run as run_module
 
 
 class Big(rt.Module):

@@ -165,11 +165,11 @@ def _numpy_rng_from_plain(d: dict) -> tuple:
 
 
 class _NoticeFormatter(logging.Formatter):
-    """``[raytrainer] message``; warnings and errors say so."""
+    """``[raytrainer] message``, whatever the level: each notice says what happened in words
+    (a retry, a stop); a level name would read as Ray's own alarms, which are noise to users."""
 
     def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
-        text = f"[raytrainer] {level}{record.getMessage()}"
+        text = f"[raytrainer] {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

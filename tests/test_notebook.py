@@ -147,8 +147,8 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
 
     # launcher="ray", interrupted: both workers stopped at one step after the press, a committed
     # checkpoint named in rt.Preempted, the kernel and its Ray kept.
-    fit_out, _ = _texts(interrupted_cell)
-    assert "launcher=ray workers=2" in fit_out
+    _, fit_err = _texts(interrupted_cell)
+    assert "[raytrainer] fit: launcher=ray workers=2" in fit_err  # the notices go to stderr
     assert seen.get("interrupted"), "no checkpoint of the Ray run appeared: the interrupt was never sent"
     [error] = [o for o in interrupted_cell.outputs if o.output_type == "error"]
     assert error.ename == "Preempted", error

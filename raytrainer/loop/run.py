@@ -100,10 +100,6 @@ class Run:
         self.num_training_batches = num_training_batches
         self.num_val_batches = list(num_val_batches)
 
-    @property
-    def has_validation(self) -> bool:
-        return sum(self.num_val_batches) > 0
-
     def epoch_iterator(self, train) -> Any:
         """The iterator over the rest of the current epoch's batches (``TrainData``); keeps the
         RNG state at the epoch's start, which a mid-epoch checkpoint saves."""

@@ -67,16 +67,20 @@ def log_notice_dropped(logger_name: str, prefix: str) -> Iterator[None]:
         log.removeFilter(keep)
 
 
-def import_ray():
-    """``import ray``, without the notices it gives in a Jupyter kernel that lacks ipywidgets: a
-    warning (tqdm.auto, through Ray's tqdm_ray) and three INFO lines (ray.widgets.util) that it
-    wants ipywidgets for rich reprs of its own objects, which raytrainer never displays."""
-    if "ray" in sys.modules:
+def import_ray(*submodules: str):
+    """``import ray`` and its ``submodules`` (e.g. "ray.tune"), without the notices Ray gives in a
+    Jupyter kernel that lacks ipywidgets: a warning (tqdm.auto, through Ray's tqdm_ray) and an
+    INFO line from each module whose rich repr wants ipywidgets (ray.widgets.util), which
+    raytrainer never displays. Ray Train and Ray Data come with it: every Ray run imports them."""
+    import importlib
+    wanted = ("ray", "ray.data", "ray.train", "ray.train.torch", *submodules)
+    if all(name in sys.modules for name in wanted):
         return sys.modules["ray"]
     with warnings.catch_warnings(), log_notice_dropped("ray.widgets.util", ""):
         warnings.filterwarnings("ignore", message="IProgress not found")
-        import ray
-    return ray
+        for name in wanted:
+            importlib.import_module(name)
+    return sys.modules["ray"]
 
 
 def ensure_ray() -> bool:

@@ -3,12 +3,13 @@ returns (result.py). Also Tune's search-space helpers, imported from Ray only wh
 ``rt.tune.loguniform(1e-4, 1e-1)``, ``rt.tune.choice([32, 64])``, ..."""
 from __future__ import annotations
 
+from raytrainer.runtime.cluster import import_ray
+
 SEARCH_HELPERS = ("uniform", "quniform", "loguniform", "qloguniform", "randn", "qrandn", "randint",
                   "qrandint", "lograndint", "qlograndint", "choice", "grid_search", "sample_from")
 
 
 def __getattr__(name: str):
     if name in SEARCH_HELPERS:
-        from ray import tune  # seconds to import: only when a search space is built
-        return getattr(tune, name)
+        return getattr(import_ray("ray.tune").tune, name)  # imports ray (seconds): only when used
     raise AttributeError(f"module 'raytrainer.tune' has no attribute {name!r}")

@@ -43,6 +43,7 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     ``trainer.``/``data.``-prefixed keys override the Trainer's / DataModule's arguments.
     PBT perturbs ``hyperparam_mutations`` (default: the search space's sampled domains).
     Returns a :class:`raytrainer.tune.result.SweepResult`."""
+    import_ray("ray.tune")
     from ray import tune
 
     _validate(module, data, trainer, search_space, metric, mode, num_samples)

@@ -1,6 +1,8 @@
-"""Chaos soak: workers SIGKILLed at 10 random steps of one fit (either rank, any point of an
+"""Chaos soak: workers SIGKILLed at 6 random steps of one fit (either rank, any point of an
 epoch); Ray restarts the worker group each time, the workers resume from the newest committed
-checkpoint, and the final weights equal those of a run that was never killed."""
+checkpoint, and the final weights equal those of a run that was never killed. (Each kill costs a
+worker-group restart, ~7 s here; 6 kills keep the suite's time while the schedule still covers
+both ranks and every position in the checkpoint interval: see the CHAOS line it prints.)"""
 import json
 import os
 import random
@@ -17,7 +19,7 @@ from helpers import NoisyData
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
-STEPS_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY, KILLS = 10, 4, 3, 10
+STEPS_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY, KILLS = 10, 4, 3, 6
 
 
 
@@ -58,7 +60,7 @@ def _fit(tmp_path, name, model, max_failures=0):
     return trainer.fit(model, DataLoader(data, batch_size=8, shuffle=True))
 
 
-def test_ten_random_kills_end_bit_identical(ray_cluster, tmp_path):
+def test_random_kills_end_bit_identical(ray_cluster, tmp_path):
     total = STEPS_PER_EPOCH * EPOCHS
     rng = random.Random(20261124)
     kills = {step: rng.randrange(2) for step in sorted(rng.sample(range(1, total), KILLS))}

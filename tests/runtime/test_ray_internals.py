@@ -28,7 +28,8 @@ def test_torch_trainer_sigint_handler_is_the_method_we_replace():
     assert issubclass(fit_trainer, TorchTrainer) and fit_trainer._register_sigint_handler(None, None) is None
 
 
-def test_dataset_copies_carry_their_own_execution_counter():
+@pytest.mark.ray
+def test_dataset_copies_carry_their_own_execution_counter(ray_cluster):  # a Dataset starts Ray
     import ray.data
     ds = ray.data.range(3)
     at_four = ray_internals.dataset_at_execution(ds, 4)

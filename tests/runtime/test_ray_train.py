@@ -29,6 +29,18 @@ class Indexed(Dataset):
         return self.x[i], self.y[i], i
 
 
+class SlowOnRank1(Indexed):
+    """Loading is slow on rank 1 only: a straggler the profiler must name."""
+
+    def __getitem__(self, i):
+        import time
+
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_rank() == 1:
+            time.sleep(0.01)
+        return super().__getitem__(i)
+
+
 class Recorder(rt.Module):
     def __init__(self, out_dir=None, kill_at=None, fail=False):
         super().__init__()
@@ -79,9 +91,12 @@ def _trainer(tmp_path, **kw):
                       enable_progress_bar=False, **kw)
 
 
-def test_ddp_two_workers_disjoint_shards_synced_metrics_and_weights(ray_cluster, tmp_path):
+def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_cluster, tmp_path):
+    """Also profiled (one fit pays Ray's fixed cost for both): rank 1 loads its data slowly, and
+    the simple profiler's table names it as the rank that waited longest for data."""
     model = Recorder(out_dir=str(tmp_path))
-    result = _trainer(tmp_path, max_epochs=1).fit(model, DataLoader(Indexed(), batch_size=8, shuffle=True))
+    result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
+        model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert sorted(r0["seen"] + r1["seen"]) == list(range(64))  # each sample exactly once
     assert not set(r0["seen"]) & set(r1["seen"])
@@ -95,6 +110,10 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_and_weights(ray_cluster,
     committed = rt.load_checkpoint(result.last_checkpoint)["state_dict"]
     for k, v in model.state_dict().items():  # the caller's model holds the final weights
         assert torch.equal(v, committed[k])
+    wait = result.profile["slowest_rank_data_wait"]
+    assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
+    assert "slowest rank data wait: rank 1" in result.profile["table"]
+    assert (tmp_path / "ray" / "profiler" / "simple.txt").exists()
 
 
 def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_cluster, tmp_path):
@@ -155,11 +174,14 @@ class WeightsAtTrainStart(rt.Callback):
 
 
 def test_worker_exception_reaches_driver_with_type_message_and_line(ray_cluster, tmp_path):
+    ray_variables = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
     with pytest.raises(ValueError, match="boom in training_step") as info:
         _trainer(tmp_path).fit(Recorder(fail=True), DataLoader(Indexed(), batch_size=8))
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "Ray Train worker rank" in notes
     assert 'raise ValueError("boom in training_step")' in notes
+    # Ray's settings were set for the run alone: the caller's environment is as it was.
+    assert {k: v for k, v in os.environ.items() if k.startswith("RAY_")} == ray_variables
 
 
 def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
@@ -172,24 +194,3 @@ def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
         model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
     assert result.global_step == 10
     assert sorted(model.seen) == sorted(list(range(50)) * 2)
-
-
-class SlowOnRank1(Indexed):
-    """Loading is slow on rank 1 only: a straggler the profiler must name."""
-
-    def __getitem__(self, i):
-        import time
-
-        import torch.distributed as dist
-        if dist.is_initialized() and dist.get_rank() == 1:
-            time.sleep(0.01)
-        return super().__getitem__(i)
-
-
-def test_simple_profiler_on_two_workers_names_the_straggling_rank(ray_cluster, tmp_path):
-    result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
-        Recorder(), DataLoader(SlowOnRank1(), batch_size=8))
-    wait = result.profile["slowest_rank_data_wait"]
-    assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
-    assert "slowest rank data wait: rank 1" in result.profile["table"]
-    assert (tmp_path / "ray" / "profiler" / "simple.txt").exists()
