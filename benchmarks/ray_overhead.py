@@ -109,8 +109,10 @@ def run_bare(steps: int, out: str, storage: str) -> float:
     trainer = TorchTrainer(bare_loop, train_loop_config={"steps": steps, "out": out},
                            scaling_config=ScalingConfig(num_workers=2),
                            run_config=RunConfig(storage_path=storage, name=f"bare-{time.time_ns()}"))
+    from raytrainer.runtime.cluster import environment, ray_settings
     start = time.time()
-    trainer.fit()
+    with environment(ray_settings()):  # the settings raytrainer runs Ray Train with, for both
+        trainer.fit()
     return start
 
 
@@ -143,7 +145,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 100, 1
-    from raytrainer.runtime.cluster import ensure_ray
+    from raytrainer.runtime.cluster import ensure_ray, ray_settings
     t0 = time.time()
     ensure_ray()  # the same fast settings for both contenders (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
     init_s = time.time() - t0
@@ -157,7 +159,7 @@ def main(argv=None) -> dict:
     ratios = {k: ours[k] / bare[k] for k in bare}
     print(f"Ray overhead: 2 CPU workers, {args.steps} steps of a {WIDTH}-wide MLP, batch {BATCH}, "
           f"median of {args.repeats}; ray.init {init_s:.1f} s (not counted); "
-          f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')}")
+          f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={ray_settings()['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']} for both")
     print(f"{'':<20} {'step ms':>8} {'start s':>8} {'end s':>7} {'total s':>8}")
     for name, m in med.items():
         print(f"{name:<20} {m['step_ms']:>8.2f} {m['start_cost_s']:>8.2f} {m['end_cost_s']:>7.2f} {m['total_s']:>8.2f}")

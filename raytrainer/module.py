@@ -102,9 +102,11 @@ class Module(nn.Module):
         """Record a scalar. Defaults follow Lightning: per step in training_step, per epoch in
         validation/test steps and epoch-end hooks. Values stay on the device; they are read back
         to the host only on logging steps and epoch ends."""
-        self._current_run(f"self.log({name!r})").log(
-            name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
-            reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
+        run = self._rt_run  # (called every step: no helper call, no message built unless it fails)
+        if run is None:
+            raise RuntimeError(f"self.log({name!r}) was called outside of a Trainer run")
+        run.metrics.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
+                        reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         for k, v in dictionary.items():

@@ -134,9 +134,6 @@ class Run:
             raise TypeError("configure_optimizers() returned no optimizer")
 
     # ------------------------------------------------------------------ what modules call
-    def log(self, name: str, value: Any, **options: Any) -> None:
-        self.metrics.log(name, value, **options)
-
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
         if hooks.on_before_backward is not None:
