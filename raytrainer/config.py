@@ -55,6 +55,7 @@ class TrainerConfig:
     checkpoint_retry: Any = None    # None: RetryPolicy(); a RetryPolicy; or a dict of its fields
     seed: int | None = None
     deterministic: bool = False
+    use_distributed_sampler: bool = True  # False: every loader is used as given (shard it yourself)
     storage_path: str | None = None  # None: ./raytrainer_runs
     storage_options: Mapping[str, Any] | None = None
     name: str | None = None          # None: run-<timestamp>
@@ -191,7 +192,8 @@ def _resolve(**kw: Any) -> dict[str, Any]:
     else:
         fdr = _int("fast_dev_run", fdr, 0, "expected a bool or an int >= 0 (batches per stage)")
 
-    for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic"):
+    for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic",
+                "use_distributed_sampler"):
         if not isinstance(kw[arg], bool):
             raise _fail(arg, kw[arg], "expected True or False")
     checkpoint_retry = _retry_policy(kw["checkpoint_retry"])
@@ -245,7 +247,8 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         fast_dev_run=fdr, enable_progress_bar=kw["enable_progress_bar"],
         enable_checkpointing=kw["enable_checkpointing"],
         async_checkpoint=kw["async_checkpoint"], checkpoint_retry=checkpoint_retry, seed=seed,
-        deterministic=kw["deterministic"], storage_path=storage.normalize(storage_path),
+        deterministic=kw["deterministic"], use_distributed_sampler=kw["use_distributed_sampler"],
+        storage_path=storage.normalize(storage_path),
         storage_options=dict(storage_options), name=name, launcher=launcher,
         max_failures=max_failures, resources_per_worker=rpw, profiler=check_profiler_spec(kw["profiler"]),
     )

@@ -13,6 +13,7 @@ from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
 from raytrainer.errors import ConfigError, Preempted
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
+from raytrainer.loop.evaluate import merge_predictions
 from raytrainer.module import Module
 from raytrainer.result import FitResult
 from raytrainer.runtime import preflight
@@ -55,6 +56,7 @@ class Trainer:
                  enable_checkpointing: bool = _D.enable_checkpointing,
                  async_checkpoint: bool = _D.async_checkpoint, checkpoint_retry: Any = _D.checkpoint_retry,
                  seed: int | None = _D.seed, deterministic: bool = _D.deterministic,
+                 use_distributed_sampler: bool = _D.use_distributed_sampler,
                  storage_path: str | None = _D.storage_path, storage_options: dict | None = _D.storage_options,
                  name: str | None = _D.name, launcher: str = _D.launcher, max_failures: int = _D.max_failures,
                  resources_per_worker: dict | None = _D.resources_per_worker, profiler: Any = _D.profiler):
@@ -72,7 +74,8 @@ class Trainer:
             limit_predict_batches=limit_predict_batches, fast_dev_run=fast_dev_run,
             enable_progress_bar=enable_progress_bar, enable_checkpointing=enable_checkpointing,
             async_checkpoint=async_checkpoint, checkpoint_retry=checkpoint_retry, seed=seed,
-            deterministic=deterministic, storage_path=storage_path, storage_options=storage_options,
+            deterministic=deterministic, use_distributed_sampler=use_distributed_sampler,
+            storage_path=storage_path, storage_options=storage_options,
             name=name, launcher=launcher, max_failures=max_failures,
             resources_per_worker=resources_per_worker, profiler=profiler)
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
@@ -83,6 +86,7 @@ class Trainer:
         self._run = None             # the run in progress, or the last one (loop/run.py)
         self._last_out: dict = {}    # what a run in Ray workers sent back
         self._should_stop = False
+        self._return_predictions = True  # the predict() call's: read by the run (loop/evaluate.py)
 
     def _build_callbacks(self, callbacks) -> list[Callback]:
         if callbacks is None:
@@ -139,9 +143,15 @@ class Trainer:
 
     def predict(self, model: Module | None = None, dataloaders=None, datamodule: DataModule | None = None,
                 return_predictions: bool = True, ckpt_path: str | None = None):
+        """Predictions of every worker, in dataset order (the batch outputs one process would
+        return). ``return_predictions=False``: nothing is kept or sent back (write them with a
+        prediction writer, rt.callbacks.BasePredictionWriter)."""
         model = self._model_or_last(model)
+        if isinstance(dataloaders, DataModule):
+            datamodule, dataloaders = dataloaders, None
+        self._return_predictions = bool(return_predictions)
         out = self._launch("predict", model, datamodule, {"predict": dataloaders}, ckpt_path)
-        return out.get("predictions") if return_predictions else None
+        return merge_predictions(out["predictions"]) if return_predictions else None
 
     def _evaluate(self, stage, model, dataloaders, ckpt_path, datamodule, verbose):
         model = self._model_or_last(model)
@@ -273,6 +283,12 @@ class Trainer:
         if self._run is None:
             return TrainerState()
         return TrainerState(fn=self._run.stage, stage=self._run.metrics.stage)
+
+    @property
+    def predict_loop(self):
+        """Lightning's ``trainer.predict_loop``: ``predictions``, ``current_batch_indices``,
+        ``epoch_batch_indices`` of this rank (what prediction writers read)."""
+        return self._run.predict_loop if self._run is not None else None
 
     @property
     def strategy(self) -> Strategy | None:

@@ -460,22 +460,21 @@ def test_iterable_loader_rejects_a_fractional_train_limit(tmp_path):
 
 # ---------------------------------------------------------------- devices / accelerator (Ray workers)
 
-@pytest.mark.parametrize("kw, stage, gpus, layout", [
-    ({}, "fit", 4, (True, 1)),                                          # default: one worker
-    ({"devices": "auto"}, "fit", 0, (False, 1)),                        # auto on CPUs: one worker
-    ({"devices": "auto"}, "fit", 4, (True, 4)),                         # auto with GPUs: all of them
-    ({"devices": "auto", "accelerator": "gpu"}, "fit", 2, (True, 2)),
-    ({"devices": "auto", "accelerator": "cpu"}, "fit", 4, (False, 1)),  # GPUs there, not wanted
-    ({"accelerator": "cpu", "devices": 3}, "fit", 0, (False, 3)),
-    ({"accelerator": "gpu", "devices": 1}, "fit", 8, (True, 1)),
-    ({"devices": 2}, "predict", 0, (False, 1)),                          # predictions in order: one
+@pytest.mark.parametrize("kw, gpus, layout", [
+    ({}, 4, (True, 1)),                                          # default: one worker
+    ({"devices": "auto"}, 0, (False, 1)),                        # auto on CPUs: one worker
+    ({"devices": "auto"}, 4, (True, 4)),                         # auto with GPUs: all of them
+    ({"devices": "auto", "accelerator": "gpu"}, 2, (True, 2)),
+    ({"devices": "auto", "accelerator": "cpu"}, 4, (False, 1)),  # GPUs there, not wanted
+    ({"accelerator": "cpu", "devices": 3}, 0, (False, 3)),
+    ({"accelerator": "gpu", "devices": 1}, 8, (True, 1)),
 ])
-def test_devices_and_accelerator_resolve_to_ray_workers(kw, stage, gpus, layout):
+def test_devices_and_accelerator_resolve_to_ray_workers(kw, gpus, layout):
     from raytrainer.runtime.ray_train import worker_layout
-    assert worker_layout(rt.Trainer(**kw).cfg, stage, gpus) == layout
+    assert worker_layout(rt.Trainer(**kw).cfg, gpus) == layout
 
 
 def test_accelerator_gpu_on_a_cluster_without_gpus_names_the_fix():
     from raytrainer.runtime.ray_train import worker_layout
     with pytest.raises(rt.ConfigError, match=r"the Ray cluster has no GPU; use accelerator='cpu' or 'auto'"):
-        worker_layout(rt.Trainer(accelerator="gpu").cfg, "fit", 0)
+        worker_layout(rt.Trainer(accelerator="gpu").cfg, 0)

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from raytrainer.loop.preemption import STOP
 
@@ -87,6 +88,44 @@ class LocalContext(RunContext):
         if self.stop_flag is None or self.stop_flag.reason is None:
             return None
         return STOP, self.stop_flag.reason
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class ProcessGroupContext(RunContext):
+    """Collectives through torch.distributed's default process group (set up by the runtime:
+    Ray Train, or a test's own gloo group); identities when there is none."""
+
+    def _group_ready(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self._group_ready():
+            dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if not self._group_ready():
+            return tensor
+        out = tensor.detach().clone()
+        if dist.get_backend() == "nccl" and out.device.type != "cuda":
+            out = out.to(self.device)
+        dist.all_reduce(out, op=_REDUCE_OPS[op])
+        return out.to(tensor.device)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self._group_ready():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self._group_ready():
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:

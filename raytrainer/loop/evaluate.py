@@ -2,13 +2,20 @@
 
 Eval mode and ``torch.no_grad`` for the whole pass; the module's previous mode is restored after,
 so a validation in the middle of an epoch returns to training mode.
+
+With several ranks every sample is evaluated exactly once (loaders.py ``EvalShard``): ranks may
+run different numbers of batches, so an evaluation step must not run a per-batch collective.
+Epoch values are reduced once at the end (loop/sync.py), and a strategy whose forward is itself
+a collective (FSDP) gathers its parameters once for the pass instead (``Strategy.evaluation``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from raytrainer.loop.loaders import EvalShard
 from raytrainer.utilities import infer_batch_size, move_to_device
 
 _STEP = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
@@ -16,37 +23,73 @@ _HOOK = {"validate": "validation", "test": "test", "predict": "predict"}
 _LIMIT = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}
 
 
-def run_evaluation(run, loaders: list, stage: str) -> tuple[dict[str, float], list]:
-    """One pass over ``loaders`` with ``{stage}_step``; returns the epoch metrics and, for
-    predict, the outputs (one list per loader; the list itself with one loader)."""
+@dataclass
+class PredictLoop:
+    """``trainer.predict_loop`` (Lightning's names), what prediction writers read.
+
+    ``outputs``/``epoch_batch_indices``: one list per loader, one entry per batch of this rank;
+    ``order``: each batch's place in the order one process would produce it, so that the
+    driver puts every rank's predictions back in dataset order (``merge_predictions``)."""
+    keep: bool = True                                   # False: predict(return_predictions=False)
+    outputs: list[list[Any]] = field(default_factory=list)
+    epoch_batch_indices: list[list[list[int] | None]] = field(default_factory=list)
+    order: list[list[tuple[int, int]]] = field(default_factory=list)
+    current_batch_indices: list[int] | None = None
+
+    @property
+    def predictions(self) -> list:
+        return self.outputs[0] if len(self.outputs) == 1 else self.outputs
+
+    def shard(self) -> dict:
+        """What this rank sends to the driver."""
+        return {"outputs": self.outputs, "order": self.order}
+
+
+def merge_predictions(shards: list[dict]) -> list:
+    """Every rank's predictions in the order one process gives them: one list of batch outputs
+    (a list of such lists with several loaders)."""
+    merged = []
+    for dl_idx in range(len(shards[0]["outputs"])):
+        pairs = [(key, out) for s in shards for key, out in zip(s["order"][dl_idx], s["outputs"][dl_idx])]
+        merged.append([out for _, out in sorted(pairs, key=lambda p: p[0])])
+    return merged[0] if len(merged) == 1 else merged
+
+
+def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
+    """One pass over ``loaders`` with ``{stage}_step``; returns the epoch metrics. Predictions
+    are kept in ``run.predict_loop``."""
     module, hook = run.module, _HOOK[stage]
     step_fn = run.strategy.step_fn(_STEP[stage])
+    limits = [_limit(getattr(run.cfg, _LIMIT[stage]), loader) for loader in loaders]
+    predict = run.predict_loop if stage == "predict" else None
     was_training = module.training
     previous_stage = run.metrics.stage
     run.metrics.stage = stage
     run.metrics.start_epoch(stage)
     module.eval()
-    predictions: list[list[Any]] = []
     try:
         run.hooks.call(f"on_{hook}_start")
         run.hooks.call(f"on_{hook}_epoch_start")
-        with torch.no_grad():
+        with torch.no_grad(), run.strategy.evaluation(_shard_sizes(loaders, limits)):
             for dl_idx, loader in enumerate(loaders):
-                outputs: list[Any] = []
-                limit = _limit(getattr(run.cfg, _LIMIT[stage]), loader)
+                shard = loader.batch_sampler if isinstance(getattr(loader, "batch_sampler", None), EvalShard) else None
                 extra = (dl_idx,) if len(loaders) > 1 else ()
+                if predict is not None:
+                    for record in (predict.outputs, predict.epoch_batch_indices, predict.order):
+                        record.append([])
                 for batch_idx, batch in enumerate(loader):
-                    if batch_idx >= limit:
+                    if batch_idx >= limits[dl_idx]:
                         break
                     batch = move_to_device(batch, run.device)
                     run.metrics.batch_size = infer_batch_size(batch)
+                    if predict is not None:
+                        predict.current_batch_indices = shard.next_batch_indices() if shard else None
                     run.hooks.call(f"on_{hook}_batch_start", batch, batch_idx, dl_idx)
                     with run.precision.autocast():
                         out = step_fn(batch, batch_idx, *extra)
+                    if predict is not None:
+                        _record_prediction(predict, run.ctx, shard, dl_idx, batch_idx, out)
                     run.hooks.call(f"on_{hook}_batch_end", out, batch, batch_idx, dl_idx)
-                    if stage == "predict":
-                        outputs.append(_to_cpu(out))
-                predictions.append(outputs)
         run.hooks.call(f"on_{hook}_epoch_end")
         values = run.metrics.logger_filter(run.metrics.end_epoch(stage), stage)
         if values:
@@ -56,7 +99,28 @@ def run_evaluation(run, loaders: list, stage: str) -> tuple[dict[str, float], li
     finally:
         run.metrics.stage = previous_stage
         module.train(was_training)
-    return values, (predictions[0] if len(predictions) == 1 else predictions)
+    return values
+
+
+def _record_prediction(predict: PredictLoop, ctx, shard: EvalShard | None, dl_idx: int, batch_idx: int,
+                       out: Any) -> None:
+    predict.epoch_batch_indices[dl_idx].append(predict.current_batch_indices)
+    if predict.keep:
+        predict.outputs[dl_idx].append(_to_cpu(out))
+        # A map-style loader's batches interleave across ranks (EvalShard); a loader the runtime
+        # sharded (a Ray Dataset split in order) holds a contiguous run of rows per rank.
+        predict.order[dl_idx].append((shard.global_batch_idx(batch_idx), 0) if shard else (ctx.global_rank, batch_idx))
+
+
+def _shard_sizes(loaders: list, limits: list) -> list[float]:
+    """Batches this rank will evaluate per loader (inf: not known before the pass)."""
+    sizes = []
+    for loader, limit in zip(loaders, limits):
+        try:
+            sizes.append(min(len(loader), limit))
+        except TypeError:
+            sizes.append(float("inf"))
+    return sizes
 
 
 def _limit(limit, loader) -> float:

@@ -84,7 +84,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
             warnings.warn("validation loaders were given but the module has no validation_step; "
                           "validation is skipped")
             val_loaders = []
-        val_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank) for dl in val_loaders]
+        val_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
+                       for dl in val_loaders]
     elif stage in _EVAL_STEP and not callable(getattr(module, _EVAL_STEP[stage], None)):
         raise TypeError(f"{type(module).__name__} has no {_EVAL_STEP[stage]}(batch, batch_idx); "
                         f"define it to run trainer.{stage}()")
@@ -103,7 +104,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     if stage == "fit":
         for lg in run.loggers:
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
-        train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0)
+        train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0,
+                          use_distributed_sampler=cfg.use_distributed_sampler)
         run.set_data_sizes(limited_length(train, cfg.limit_train_batches),
                            [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders])
         run.profiler.start(ctx, run.device, cfg)
@@ -117,11 +119,11 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         if preempted:
             out["preempted"] = preempted  # the Trainer raises Preempted once the fit is wound up
     else:
-        eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank) for dl in main]
-        values, predictions = run_evaluation(run, eval_loaders, stage)
-        out = {"stage": stage, "metrics": values}
-        if stage == "predict":
-            out["predictions"] = predictions
+        eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
+                        for dl in main]
+        out = {"stage": stage, "metrics": run_evaluation(run, eval_loaders, stage)}
+        if stage == "predict" and trainer._return_predictions:
+            out["predictions"] = run.predict_loop.shard()  # this rank's (merge_predictions)
     _call_datamodule(datamodule, "teardown", stage)
     module.teardown(stage)
     for cb in run.callbacks:

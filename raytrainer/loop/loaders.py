@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler)
 
 from raytrainer.data import RayDataLoader, RayDatasetIterable
 from raytrainer.utilities import capture_rng_state, restore_rng_state
@@ -109,12 +111,14 @@ class _SkippingIterator:
 class TrainData:
     """The training loader of one run: sharded for this rank, resumable by index skipping."""
 
-    def __init__(self, loader: Any, world_size: int, rank: int, seed: int):
+    def __init__(self, loader: Any, world_size: int, rank: int, seed: int, use_distributed_sampler: bool = True):
         self.sampler_for_epoch = None
         self._skipper: _SkippingBatchSampler | None = None
-        self.loader = self._prepare(loader, world_size, rank, seed)
+        self.loader = self._prepare(loader, world_size if use_distributed_sampler else 1, rank, seed)
 
     def _prepare(self, loader: Any, world_size: int, rank: int, seed: int) -> Any:
+        """``world_size`` 1: the loader's own sampler is kept (one process, or
+        ``use_distributed_sampler=False``: the user shards)."""
         if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
                 or loader.batch_sampler is None:
             if world_size > 1 and isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
@@ -204,13 +208,59 @@ def rebuild_dataloader(loader: DataLoader, **overrides: Any) -> DataLoader:
     return DataLoader(loader.dataset, **kwargs)
 
 
-def shard_eval_loader(loader: Any, world_size: int, rank: int) -> Any:
-    """Evaluation loaders are split across ranks without shuffling."""
-    if world_size == 1 or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
-            or loader.batch_sampler is None:
+class EvalShard:
+    """Rank ``rank``'s part of an evaluation loader: batches ``rank``, ``rank + W``, ``rank + 2W``…
+    of the loader's own batch sequence (its sampler and batch size, untouched).
+
+    Every sample is evaluated exactly once, in the very batches one process would make, so every
+    logged value — a batch-size-weighted mean, a sum, a max of per-batch values — reduces to what
+    one process computes (torch's DistributedSampler pads instead: sample 0 counted twice when
+    the set does not divide, pytorch/pytorch#25162). Ranks may run one batch fewer than others;
+    evaluation steps run no collective, so nothing waits for the missing batch. Each batch's
+    position in the one-process order is known (``global_batch_idx``): predictions come back
+    in dataset order.
+    """
+
+    def __init__(self, inner: Iterable, world_size: int, rank: int):
+        self.inner, self.world_size, self.rank = inner, world_size, rank
+        self._yielded: deque = deque()  # index batches handed to the loader, not yet consumed
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.inner) - self.rank) // self.world_size))
+
+    def __iter__(self) -> Iterator:
+        self._yielded.clear()
+        for i, indices in enumerate(self.inner):
+            if i % self.world_size == self.rank:
+                self._yielded.append(list(indices))
+                yield indices
+
+    def global_batch_idx(self, local_idx: int) -> int:
+        return local_idx * self.world_size + self.rank
+
+    def next_batch_indices(self) -> list[int] | None:
+        """The dataset indices of the batch the loader returns next (loaders return batches in
+        the order their index batches were drawn, also with worker processes)."""
+        return self._yielded.popleft() if self._yielded else None
+
+
+def shard_eval_loader(loader: Any, world_size: int, rank: int, use_distributed_sampler: bool = True) -> Any:
+    """This rank's part of an evaluation loader: an ``EvalShard`` of a map-style DataLoader.
+    One process keeps the loader as it is (batch indices recorded for prediction writers)."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
+            or loader.batch_sampler is None or not use_distributed_sampler:
+        if world_size > 1 and use_distributed_sampler and not getattr(loader, "is_rank_shard", False):
+            warnings.warn(f"an evaluation loader over a {type(getattr(loader, 'dataset', loader)).__name__} "
+                          "is not sharded by raytrainer: every worker evaluates all of it (shard it "
+                          "yourself by rank, or use rt.RayDataLoader)")
         return loader
-    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return rebuild_dataloader(loader, sampler=sampler)
+    batch_sampler = loader.batch_sampler
+    if world_size > 1 and isinstance(loader.sampler, RandomSampler):
+        # Ranks would shuffle differently and overlap; evaluation order does not change its numbers.
+        warnings.warn("an evaluation loader shuffles (shuffle=True); with several workers it is read "
+                      "in order instead, so that every sample is evaluated exactly once")
+        batch_sampler = BatchSampler(SequentialSampler(loader.dataset), loader.batch_size, loader.drop_last)
+    return rebuild_dataloader(loader, batch_sampler=EvalShard(batch_sampler, world_size, rank))
 
 
 def limited_length(loader: Any, limit: int | float | None, what: str = "limit_train_batches") -> float:

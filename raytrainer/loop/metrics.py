@@ -10,10 +10,13 @@ Naming follows Lightning: a metric logged with both ``on_step`` and ``on_epoch``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from raytrainer.loop.sync import Logged, reduce_across_ranks
+
+_STEP_NAMES = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 REDUCE_FX = {"mean": "mean", "sum": "sum", "max": "max", "min": "min",
              torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
 
@@ -52,25 +55,20 @@ class _Accumulator:
             self.total = torch.minimum(self.total, v)
         self.weight += batch_size
 
-    def compute(self, all_reduce: Callable | None) -> torch.Tensor:
-        total = self.total
-        if self.reduce_fx == "mean":
-            weight = torch.tensor(self.weight, dtype=torch.float32, device=total.device)
-            if all_reduce is not None:  # global weighted mean: reduce numerator and denominator
-                both = all_reduce(torch.stack([total, weight]), "sum")
-                total, weight = both[0], both[1]
-            return total / weight
-        if all_reduce is not None:
-            return all_reduce(total, self.reduce_fx)
-        return total
+    def compute(self) -> torch.Tensor:
+        """This rank's value."""
+        return self.total / self.weight if self.reduce_fx == "mean" else self.total
+
+    def logged(self, name: str, spec) -> Logged:
+        return Logged(name, self.reduce_fx, self.total, self.weight, spec)
 
 
 class MetricCollector:
     """Collects ``self.log`` calls for one run; ``stage`` and ``in_step`` are set by the loop."""
 
-    def __init__(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor], world_size: int):
-        self._all_reduce = all_reduce
-        self._world_size = world_size
+    def __init__(self, ctx):
+        self._ctx = ctx  # collectives for sync_dist (loop/sync.py)
+        self._world_size = ctx.world_size
         self.stage = "train"
         self.in_step = False
         self.batch_size = 1
@@ -129,14 +127,19 @@ class MetricCollector:
 
     # ------------------------------------------------------------------ reading (host syncs)
     def step_metrics(self) -> dict[str, float]:
-        """Current per-step training values for the loggers: one host sync for all of them."""
+        """Current per-step training values for the loggers: one host sync for all of them.
+        Every rank calls this at the same steps (sync_dist reductions are collectives)."""
+        synced = {}
+        if self._world_size > 1:  # always, when distributed: a rank may hold no synced value
+            synced = reduce_across_ranks(self._ctx, [
+                Logged(name, self._specs[("train", name)].reduce_fx, value, 1.0, self._specs[("train", name)])
+                for name, value in self._step_values.items() if self._specs[("train", name)].sync_dist],
+                "in training_step")
         names, tensors = [], []
         for name, value in self._step_values.items():
             spec = self._specs[("train", name)]
-            if spec.sync_dist and self._world_size > 1:
-                value = self._reduce_step(value, spec.reduce_fx)
             names.append(f"{name}_step" if spec.on_epoch else name)
-            tensors.append(value.float())
+            tensors.append(synced[name][0].float() if name in synced else value.float())
         if len(tensors) == 1:  # the usual single loss: .item() is the same sync, without a stack
             values = [tensors[0].item()]
         else:
@@ -144,15 +147,25 @@ class MetricCollector:
         return dict(zip(names, values))
 
     def end_epoch(self, stage: str) -> dict[str, float]:
-        """Reduce ``stage``'s epoch accumulators (across ranks where ``sync_dist``) and keep them
-        as the latest values. Every rank must call this: sync_dist reductions are collectives."""
+        """Reduce ``stage``'s epoch accumulators (across ranks where ``sync_dist``, weighted by
+        what each rank saw) and keep them as the latest values. Every rank must call this: with
+        several ranks it is a collective, also on a rank that logged nothing."""
+        accs = self._epoch.get(stage, {})
+        synced = {}
+        if self._world_size > 1:
+            where = "in training" if stage == "train" else f"in {_STEP_NAMES.get(stage, stage)}"
+            synced = reduce_across_ranks(self._ctx, [acc.logged(name, self._specs[(stage, name)])
+                                                     for name, acc in accs.items()
+                                                     if self._specs[(stage, name)].sync_dist], where)
+            for name, (_, spec) in synced.items():  # a rank that saw no batch learns how they were logged
+                self._specs.setdefault((stage, name), spec)
         out_names, tensors = [], []
-        for name, acc in sorted(self._epoch.get(stage, {}).items()):
+        for name in sorted(set(accs) | set(synced)):
             spec = self._specs[(stage, name)]
-            reduce = self._all_reduce if (spec.sync_dist and self._world_size > 1) else None
             out_names.append((name, f"{name}_epoch" if spec.on_step else name))
-            tensors.append(acc.compute(reduce).detach())
-        values = torch.stack(tensors).cpu() if tensors else torch.empty(0)
+            value = synced[name][0] if name in synced else accs[name].compute()
+            tensors.append(value.detach().float().reshape(()).cpu())
+        values = torch.stack(tensors) if tensors else torch.empty(0)
         result = {}
         for (name, shown), v in zip(out_names, values):
             self._finalized[shown] = v
@@ -216,12 +229,6 @@ class MetricCollector:
         self._resolved.clear()
         self._logger_names.clear()
         self._finalized.update(state.get("finalized", {}))
-
-    def _reduce_step(self, value: torch.Tensor, reduce_fx: str) -> torch.Tensor:
-        if reduce_fx == "mean":
-            return self._all_reduce(value.float(), "sum") / self._world_size
-        return self._all_reduce(value.float(), reduce_fx)
-
 
 def _as_scalar_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):

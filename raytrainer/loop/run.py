@@ -21,6 +21,7 @@ from raytrainer.checkpoint.format import checkpoint_uri
 from raytrainer.checkpoint.writer import CheckpointWriter
 from raytrainer.errors import NonFiniteLossError
 from raytrainer.loop import state
+from raytrainer.loop.evaluate import PredictLoop
 from raytrainer.loop.hooks import Hooks, merge_callbacks
 from raytrainer.loop.metrics import MetricCollector
 from raytrainer.loop.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
@@ -61,12 +62,15 @@ class Run:
         self.datamodule = datamodule
         self.device = ctx.device
         self.profiler = profiler if profiler is not None else NoProfiler()
-        self.metrics = MetricCollector(ctx.all_reduce, ctx.world_size)
+        self.metrics = MetricCollector(ctx)
         callbacks = merge_callbacks(trainer.callbacks, module.configure_callbacks())
         if ctx.global_rank != 0:
             # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.
             callbacks = [cb for cb in callbacks if not getattr(cb, "rank_zero_only", False)]
         self.callbacks = callbacks
+        # Predictions are kept for the caller, or for a writer that writes them at the epoch's end.
+        self.predict_loop = PredictLoop(keep=trainer._return_predictions or any(
+            getattr(cb, "keeps_predictions", False) for cb in callbacks))
         self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
         self.hooks = Hooks(trainer, module, self.callbacks, self.profiler)
         self.precision = build_precision(self.cfg.precision, self.device)

@@ -8,6 +8,7 @@ only gathers the root's parameters in its ``forward`` hooks (as Lightning's modu
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -80,6 +81,11 @@ class Strategy:
 
     def no_sync(self):
         """Inside an accumulation window: no gradient communication until its last backward."""
+        return nullcontext()
+
+    def evaluation(self, shard_sizes: list[float]):
+        """Around one evaluation pass; ``shard_sizes``: this rank's batches per loader (inf when
+        not known), which may differ between ranks. Evaluation steps run no collective here."""
         return nullcontext()
 
     # ------------------------------------------------------------------ collectives (public)
@@ -193,6 +199,36 @@ class FSDP2Strategy(Strategy):
             yield
         finally:
             self.shim.set_requires_gradient_sync(True)
+
+    @contextmanager
+    def evaluation(self, shard_sizes: list[float]):
+        # An FSDP forward all-gathers each module's parameters: a collective per batch, which
+        # would leave a rank with a batch fewer than the others (exact evaluation) waiting
+        # forever. With uneven shards the parameters are gathered once for the pass and kept
+        # (torch's documented recipe for evals); the price is the full parameters in memory
+        # during the pass. Even shards evaluate sharded, as they train.
+        if not self._uneven(shard_sizes):
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+        modules = [m for m in self.shim.modules() if isinstance(m, FSDPModule)]
+        for m in modules:  # the same order on every rank: one all-gather each
+            m.unshard()
+        self.shim.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            for m in modules:
+                # as fully_shard left them: the root keeps its parameters after forward
+                m.set_reshard_after_forward(m is not self.shim, recurse=False)
+                m.reshard()
+
+    def _uneven(self, shard_sizes: list[float]) -> bool:
+        unknown = 2 ** 62
+        sizes = [unknown if math.isinf(n) else int(n) for n in shard_sizes]
+        both = self.ctx.all_reduce(torch.tensor(sizes + [-n for n in sizes], dtype=torch.int64), "max").tolist()
+        high, low = both[:len(sizes)], [-n for n in both[len(sizes):]]
+        return high != low or unknown in high
 
     def _options(self, full: bool = True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions

@@ -16,7 +16,10 @@ def launch_local(trainer, stage: str, module, datamodule, loaders: dict, resume_
     check_precision_supported(cfg.precision, device.type)
     log_resolved(trainer, stage, f"launcher=local device={device} workers=1")
     if stage != "fit":
-        return execute(trainer, stage, module, datamodule, loaders, resume_uri, LocalContext(device))
+        out = execute(trainer, stage, module, datamodule, loaders, resume_uri, LocalContext(device))
+        if "predictions" in out:
+            out["predictions"] = [out["predictions"]]  # the one rank's part (as launch_ray returns all)
+        return out
     flag = StopFlag()  # SIGTERM / Ctrl-C: stop at the next step with a committed checkpoint
     with stop_on_signals(flag):
         return execute(trainer, stage, module, datamodule, loaders, resume_uri, LocalContext(device, flag))

@@ -12,17 +12,13 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from raytrainer.checkpoint.resume import restart_checkpoint
-from raytrainer.loop.context import RunContext
+from raytrainer.loop.context import ProcessGroupContext
 from raytrainer.loop.preemption import CHECKPOINT, RESTART, STOP, StopFlag
 from raytrainer.runtime.signals import worker_sigterm
 
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-class RayTrainContext(RunContext):
+class RayTrainContext(ProcessGroupContext):
     def __init__(self, use_gpu: bool, fit_token: str, run_cfg, report_to_ray: bool = True,
                  stop_source=None, report_queue=None):
         import ray.train
@@ -41,7 +37,6 @@ class RayTrainContext(RunContext):
         self._cfg = run_cfg
         self._report_to_ray = report_to_ray
         self._report_queue = report_queue if self.global_rank == 0 else None
-        self._distributed = dist.is_available() and dist.is_initialized()
         # Stop requests: the driver's SIGTERM/Ctrl-C arrives through `stop_source` (polled by
         # rank 0 in a thread); Ray's drain notice through ray.train.get_preemption_info.
         self.stop_flag = StopFlag()
@@ -58,33 +53,6 @@ class RayTrainContext(RunContext):
         if stop_source is not None and self.global_rank == 0:
             threading.Thread(target=_poll_driver, args=(stop_source, self.stop_flag), daemon=True,
                              name="raytrainer-stop-poll").start()
-
-    def barrier(self) -> None:
-        if self._distributed:
-            dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if not self._distributed:
-            return tensor
-        out = tensor.detach().clone()
-        if dist.get_backend() == "nccl" and out.device.type != "cuda":
-            out = out.to(self.device)
-        dist.all_reduce(out, op=_OPS[op])
-        return out.to(tensor.device)
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not self._distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self._distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         if self._report_to_ray:

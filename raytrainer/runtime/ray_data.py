@@ -35,11 +35,13 @@ def data_seed(cfg) -> int:
 
 
 class RayShardPlaceholder:
-    """Stands in the job for a RayDataLoader whose dataset was handed to Ray Train as ``name``."""
+    """Stands in the job for a RayDataLoader whose dataset was handed to Ray Train as ``name``,
+    or (``pieces``: prediction) was cut on the driver into one ordered piece per rank."""
 
-    def __init__(self, name: str, loader: RayDataLoader, seed: int):
+    def __init__(self, name: str, loader: RayDataLoader, seed: int, pieces: list | None = None):
         self.name = name
         self.seed = seed
+        self.pieces = pieces
         self.options = {k: v for k, v in vars(loader).items() if k not in ("dataset", "shuffle")}
 
 
@@ -47,10 +49,12 @@ class RayShardLoader:
     """This worker's shard of a Ray Dataset; iterating it gives one epoch of dict batches."""
 
     exact_replay = True  # skipping batches on resume gives the same stream (see module doc)
+    is_rank_shard = True  # already this rank's part: the loop shards nothing further
 
     def __init__(self, placeholder: RayShardPlaceholder, rank: int):
         import ray.train
-        self.shard = ray.train.get_dataset_shard(placeholder.name)
+        self.shard = (placeholder.pieces[rank] if placeholder.pieces is not None
+                      else ray.train.get_dataset_shard(placeholder.name))
         self.options = placeholder.options
         self.seed, self.rank, self.epoch = placeholder.seed, rank, 0
 
@@ -69,9 +73,11 @@ class RayShardLoader:
             drop_last=o["drop_last"], collate_fn=o["collate_fn"], dtypes=o["dtypes"]))
 
 
-def split_ray_datasets(stage: str, trainer, datamodule, loaders: dict) -> tuple[dict, dict]:
+def split_ray_datasets(stage: str, trainer, datamodule, loaders: dict, num_workers: int) -> tuple[dict, dict]:
     """Move Ray Datasets out of the job (they go to Ray Train, which shards them) and leave
-    placeholders the workers turn back into loaders."""
+    placeholders the workers turn back into loaders. Prediction datasets are cut here instead,
+    into ``num_workers`` consecutive row ranges (rank 0 the first): rank after rank, their
+    predictions are in dataset order."""
     from ray.data import RandomSeedConfig
     seed = data_seed(trainer.cfg)
     datasets, out = {}, dict(loaders)
@@ -90,6 +96,9 @@ def split_ray_datasets(stage: str, trainer, datamodule, loaders: dict) -> tuple[
             if isinstance(item, RayDataLoader):
                 name = kind if i == 0 else f"{kind}_{i}"
                 ds = item.dataset
+                if kind == "predict":
+                    placeholders.append(RayShardPlaceholder(name, item, seed, _ordered_pieces(ds, num_workers)))
+                    continue
                 if item.shuffle and kind == "train":
                     ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
                 datasets[name] = ds
@@ -98,6 +107,14 @@ def split_ray_datasets(stage: str, trainer, datamodule, loaders: dict) -> tuple[
                 placeholders.append(item)
         out[kind] = placeholders
     return datasets, out
+
+
+def _ordered_pieces(ds, n: int) -> list:
+    """``ds`` as ``n`` consecutive row ranges of near-equal size (materialized: the rows are
+    counted and cut where one process would have them)."""
+    rows = ds.count()
+    cuts = [rows * i // n for i in range(1, n)]
+    return ds.split_at_indices(cuts) if n > 1 else [ds]
 
 
 def _datamodule_may_return_ray(datamodule, kind: str) -> bool:
@@ -127,10 +144,16 @@ def data_config(datasets: dict, cfg, fit_token: str, resume_uri: str | None):
             # of the checkpoint the workers are about to load (checkpoint/resume.py).
             start_from = restart_checkpoint(cfg, fit_token) or resume_uri
             epoch = starting_epoch(start_from, cfg.storage_options)
-            if epoch:
-                datasets = {name: dataset_at_execution(ds, epoch) if name in splits else ds
-                            for name, ds in datasets.items()}
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            train = {name: dataset_at_execution(ds, epoch) if epoch else ds
+                     for name, ds in datasets.items() if name in splits}
+            output = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+            # Evaluation data: every row to exactly one worker. Ray Train's own split of the
+            # others is equal=True, which drops rows to even the splits out.
+            for name, ds in datasets.items():
+                if name not in splits:
+                    for worker, piece in enumerate(ds.copy(ds).streaming_split(world_size, equal=False)):
+                        output[worker][name] = piece
+            return output
 
     # The driver's options (what Train's default_ingest_options copies, without the deprecated
     # exclude_resources argument it passes), in order.

@@ -56,6 +56,8 @@ def _train_fn(config: dict) -> None:
     finally:
         if sigterm is not None:
             sigterm.training.clear()
+    if "predictions" in out:  # every rank's part; the driver puts them in order (merge_predictions)
+        ray.get(mailbox.put.remote(f"predictions/{ctx.global_rank:05d}", pickle.dumps(out.pop("predictions"))))
     # Gathering the full weights is a collective under FSDP: every rank takes part.
     weights = trainer.strategy.model_state_dict() if stage == "fit" else None
     if ctx.global_rank == 0:
@@ -79,16 +81,14 @@ def _alive(mailbox) -> bool:
         return False
 
 
-def worker_layout(cfg, stage: str, cluster_gpus: int) -> tuple[bool, int]:
+def worker_layout(cfg, cluster_gpus: int) -> tuple[bool, int]:
     """``(use_gpu, num_workers)`` for ``Trainer(accelerator, devices)`` on a cluster with
     ``cluster_gpus`` GPUs: devices="auto" is every GPU of the cluster when the workers use GPUs,
-    else one worker."""
+    else one worker. Every stage runs on them (predict too: loop/evaluate.py merges in order)."""
     if cfg.accelerator == "gpu" and cluster_gpus == 0:
         raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
     use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cluster_gpus > 0)
     num_workers = cfg.devices if cfg.devices != "auto" else (cluster_gpus if use_gpu else 1)
-    if stage == "predict":
-        num_workers = 1  # predictions come back in order from one worker
     return use_gpu, num_workers
 
 
@@ -117,8 +117,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
 
     cfg = trainer.cfg
     ensure_ray()
-    use_gpu, num_workers = worker_layout(cfg, stage, int(ray.cluster_resources().get("GPU", 0)))
-    datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders)
+    use_gpu, num_workers = worker_layout(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders, num_workers)
     per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
     settings = ray_settings()
     log_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "
@@ -175,6 +175,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
         items = ray.get(mailbox.get_all.remote())
         ray.kill(mailbox)
     out = pickle.loads(items["result"])  # written by our own rank 0 (see _train_fn)
+    if any(k.startswith("predictions/") for k in items):
+        out["predictions"] = [pickle.loads(v) for k, v in sorted(items.items()) if k.startswith("predictions/")]
     if stage == "fit":
         module.load_state_dict(out.pop("state_dict"))
     trainer._finished_on_workers(out)

@@ -1,0 +1,38 @@
+"""Exact evaluation and prediction on 2 Ray Train workers: torch loaders and Ray Datasets, every
+sample once, numbers equal to one process (the loop's side: tests/loop/test_exact_evaluation.py)."""
+import pytest
+import torch
+from exact_eval_models import N, Classifier, assert_close, data, eval_loader, one_process, ray_rows
+from torch.utils.data import DataLoader
+
+import raytrainer as rt
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+DTYPES = {"x": torch.float32, "y": torch.int64}
+
+
+def test_two_workers_validate_test_and_predict_exactly_over_101_samples(ray_cluster, tmp_path):
+    import ray.data
+    trainer = rt.Trainer(devices=2, max_epochs=1, seed=0, storage_path=str(tmp_path), name="exact",
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    model = Classifier()
+    result = trainer.fit(model, DataLoader(data(40, seed=1), batch_size=8), eval_loader())
+    # validation ran after the last step: the weights the caller now holds
+    assert_close(result.metrics, one_process(model, "val"))
+
+    # test on a Ray Dataset: Ray's split of evaluation data drops no row and repeats none
+    tested = trainer.test(model, rt.RayDataLoader(ray.data.from_items(ray_rows()), batch_size=10, dtypes=DTYPES))
+    assert_close(tested[0], one_process(model, "test"))
+
+    # predict on both workers, a torch loader and a Ray Dataset: in dataset order on the driver
+    by_loader, by_dataset = trainer.predict(model, [eval_loader(), rt.RayDataLoader(
+        ray.data.from_items(ray_rows()), batch_size=10, dtypes=DTYPES)])
+    with torch.no_grad():
+        expected = model(data().tensors[0])
+    for predictions in (by_loader, by_dataset):
+        assert torch.allclose(torch.cat([p["logits"] for p in predictions]), expected, atol=1e-6)
+        ranks = torch.cat([p["rank"].reshape(1).expand(len(p["logits"])) for p in predictions])
+        assert set(ranks.tolist()) == {0, 1}  # both workers did part of the work
+    assert len(by_loader) == 11 and [len(p["logits"]) for p in by_loader][-1] == 1  # one process's batches
+    assert sum(len(p["logits"]) for p in by_dataset) == N
