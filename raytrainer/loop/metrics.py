@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.loop.sync import Logged, reduce_across_ranks
+from raytrainer.loop.sync import Logged, prime_empty_list_states, reduce_across_ranks
 
 _STEP_NAMES = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 REDUCE_FX = {"mean": "mean", "sum": "sum", "max": "max", "min": "min",
@@ -27,8 +27,29 @@ class MetricSpec:
     on_epoch: bool
     prog_bar: bool
     logger: bool
-    reduce_fx: str
+    reduce_fx: str                  # "mean" | "sum" | "max" | "min" | "metric" (a torchmetrics Metric)
     sync_dist: bool
+    metric_path: str | None = None  # a Metric's attribute path in the module (every rank finds it)
+
+
+class _MetricObject:
+    """A torchmetrics ``Metric`` logged as the value, as Lightning allows: it accumulates itself
+    (``self.acc(preds, y)`` or ``.update``); on step its value is the batch's (the metric's forward
+    result); at the epoch's end its ``compute()`` — which syncs across ranks by itself — is the
+    value, and it is reset."""
+
+    reduce_fx = "metric"
+
+    def __init__(self, metric):
+        self.metric = metric
+
+    def compute(self) -> torch.Tensor:
+        value = self.metric.compute()
+        self.metric.reset()
+        return value
+
+    def logged(self, name: str, spec: MetricSpec) -> Logged:
+        return Logged(name, "metric", torch.zeros(()), 0.0, spec)
 
 
 class _Accumulator:
@@ -66,8 +87,9 @@ class _Accumulator:
 class MetricCollector:
     """Collects ``self.log`` calls for one run; ``stage`` and ``in_step`` are set by the loop."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, module=None):
         self._ctx = ctx  # collectives for sync_dist (loop/sync.py)
+        self._module = module  # where a logged torchmetrics Metric is found by its path
         self._world_size = ctx.world_size
         self.stage = "train"
         self.in_step = False
@@ -78,6 +100,7 @@ class MetricCollector:
         self._step_values: dict[str, torch.Tensor] = {}       # train, current step
         self._epoch: dict[str, dict[str, _Accumulator]] = {}  # stage -> name -> acc
         self._finalized: dict[str, torch.Tensor] = {}         # completed epoch values, by shown name
+        self._step_only_objects: dict[str, Any] = {}          # torchmetrics logged with on_epoch=False
         self.logged_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ recording
@@ -92,6 +115,8 @@ class MetricCollector:
         resolved = self._resolved.get((self.stage, name))
         if resolved is not None and resolved[0] == args:
             spec = resolved[1]
+            if spec.reduce_fx == "metric":
+                return self._log_metric_object(name, value, spec)
             # A 0-d tensor (the usual loss) needs no check; anything else goes through them.
             tensor = value.detach() if type(value) is torch.Tensor and value.ndim == 0 \
                 else _as_scalar_tensor(name, value)
@@ -99,18 +124,22 @@ class MetricCollector:
             if reduce_fx not in REDUCE_FX:
                 raise ValueError(f"self.log({name!r}): reduce_fx must be one of 'mean', 'sum', 'max', "
                                  f"'min' (or torch.mean/sum/max/min), got {reduce_fx!r}")
-            tensor = _as_scalar_tensor(name, value)
+            metric_object = _is_torchmetric(value)
+            tensor = None if metric_object else _as_scalar_tensor(name, value)
             on_step = training_step if on_step is None else bool(on_step)
             on_epoch = (not training_step) if on_epoch is None else bool(on_epoch)
             if self.stage != "train" and on_step:
                 on_step = False  # per-step values of evaluation are not logged (Lightning logs them
                 on_epoch = True  # per dataloader step; we keep evaluation to epoch aggregates)
-            spec = MetricSpec(on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
+            spec = MetricSpec(on_step, on_epoch, prog_bar, logger, "metric" if metric_object else REDUCE_FX[reduce_fx],
+                              sync_dist, self._path_of(value) if metric_object else None)
             known = self._specs.setdefault((self.stage, name), spec)
             if known != spec:
                 raise ValueError(f"self.log({name!r}) was called with different arguments in the same "
                                  f"{self.stage} run: {known} then {spec}")
             self._resolved[(self.stage, name)] = (args, spec)
+            if metric_object:
+                return self._log_metric_object(name, value, spec)
         if spec.on_step:
             self._step_values[name] = tensor
         if spec.on_epoch:
@@ -120,10 +149,39 @@ class MetricCollector:
                 acc = accs[name] = _Accumulator(spec.reduce_fx)
             acc.update(tensor, self.batch_size if batch_size is None else int(batch_size))
 
+    def _log_metric_object(self, name: str, metric, spec: MetricSpec) -> None:
+        if not _is_torchmetric(metric):
+            raise ValueError(f"self.log({name!r}) was first called with a torchmetrics Metric, then with "
+                             f"a {type(metric).__name__}; log one kind of value under one name")
+        if spec.on_step:
+            batch_value = getattr(metric, "_forward_cache", None)
+            if not isinstance(batch_value, torch.Tensor):
+                raise ValueError(f"self.log({name!r}, <{type(metric).__name__}>, on_step=True): call the metric on "
+                                 "the batch first (self.metric(preds, target)), which computes the batch's value; "
+                                 "update() alone has none")
+            self._step_values[name] = _as_scalar_tensor(name, batch_value)
+        if spec.on_epoch:
+            self._epoch.setdefault(self.stage, {})[name] = _MetricObject(metric)
+        else:
+            self._step_only_objects[name] = metric
+
+    def _metric_at(self, name: str, spec: MetricSpec):
+        if spec.metric_path is None:
+            raise ValueError(f"self.log({name!r}, <Metric>): this rank evaluated no batch and cannot find the "
+                             "metric to compute it with the others; make it an attribute of the module "
+                             "(self.acc = Accuracy(...) in __init__)")
+        return self._module.get_submodule(spec.metric_path)
+
+    def _path_of(self, metric) -> str | None:
+        modules = self._module.named_modules() if self._module is not None else ()
+        return next((path for path, m in modules if m is metric), None)
+
     def start_epoch(self, stage: str) -> None:
         self._epoch[stage] = {}
         if stage == "train":
             self._step_values = {}
+            for metric in self._step_only_objects.values():  # logged on step only: one epoch's worth
+                metric.reset()
 
     # ------------------------------------------------------------------ reading (host syncs)
     def step_metrics(self) -> dict[str, float]:
@@ -133,7 +191,8 @@ class MetricCollector:
         if self._world_size > 1:  # always, when distributed: a rank may hold no synced value
             synced = reduce_across_ranks(self._ctx, [
                 Logged(name, self._specs[("train", name)].reduce_fx, value, 1.0, self._specs[("train", name)])
-                for name, value in self._step_values.items() if self._specs[("train", name)].sync_dist],
+                for name, value in self._step_values.items()
+                if self._specs[("train", name)].sync_dist and self._specs[("train", name)].reduce_fx != "metric"],
                 "in training_step")
         names, tensors = [], []
         for name, value in self._step_values.items():
@@ -153,18 +212,24 @@ class MetricCollector:
         accs = self._epoch.get(stage, {})
         synced = {}
         if self._world_size > 1:
+            # Metric objects join the agreement (their names), not the reduction: they sync
+            # themselves in compute(), which every rank must then call, in the same order.
             where = "in training" if stage == "train" else f"in {_STEP_NAMES.get(stage, stage)}"
-            synced = reduce_across_ranks(self._ctx, [acc.logged(name, self._specs[(stage, name)])
-                                                     for name, acc in accs.items()
-                                                     if self._specs[(stage, name)].sync_dist], where)
+            synced = reduce_across_ranks(self._ctx, [
+                acc.logged(name, self._specs[(stage, name)]) for name, acc in accs.items()
+                if self._specs[(stage, name)].sync_dist or acc.reduce_fx == "metric"], where)
             for name, (_, spec) in synced.items():  # a rank that saw no batch learns how they were logged
                 self._specs.setdefault((stage, name), spec)
+                if spec.reduce_fx == "metric" and name not in accs:
+                    accs[name] = _MetricObject(self._metric_at(name, spec))
+            prime_empty_list_states(self._ctx, [accs[name].metric for name in sorted(synced)
+                                                if isinstance(accs.get(name), _MetricObject)])
         out_names, tensors = [], []
         for name in sorted(set(accs) | set(synced)):
             spec = self._specs[(stage, name)]
             out_names.append((name, f"{name}_epoch" if spec.on_step else name))
-            value = synced[name][0] if name in synced else accs[name].compute()
-            tensors.append(value.detach().float().reshape(()).cpu())
+            value = synced[name][0] if synced.get(name, (None,))[0] is not None else accs[name].compute()
+            tensors.append(_as_scalar_tensor(name, value).float().reshape(()).cpu())
         values = torch.stack(tensors) if tensors else torch.empty(0)
         result = {}
         for (name, shown), v in zip(out_names, values):
@@ -229,6 +294,12 @@ class MetricCollector:
         self._resolved.clear()
         self._logger_names.clear()
         self._finalized.update(state.get("finalized", {}))
+
+def _is_torchmetric(value: Any) -> bool:
+    """A torchmetrics ``Metric`` (duck-typed: torchmetrics is not a dependency)."""
+    return isinstance(value, torch.nn.Module) and all(
+        callable(getattr(value, attr, None)) for attr in ("update", "compute", "reset", "sync"))
+
 
 def _as_scalar_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):

@@ -62,7 +62,7 @@ class Run:
         self.datamodule = datamodule
         self.device = ctx.device
         self.profiler = profiler if profiler is not None else NoProfiler()
-        self.metrics = MetricCollector(ctx)
+        self.metrics = MetricCollector(ctx, module)
         callbacks = merge_callbacks(trainer.callbacks, module.configure_callbacks())
         if ctx.global_rank != 0:
             # Rank zero at the boundary: other ranks have no loggers and no progress bar at all.

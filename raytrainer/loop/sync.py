@@ -25,7 +25,7 @@ import torch
 
 class Logged(NamedTuple):
     name: str
-    reduce_fx: str          # "mean" | "sum" | "max" | "min"
+    reduce_fx: str          # "mean" | "sum" | "max" | "min" | "metric" (agreed on, never reduced here)
     total: torch.Tensor     # for a mean: the weighted sum
     weight: float           # for a mean: the summed weights (batch sizes); else unused
     spec: Any = None        # how it was logged: a rank that logged nothing learns it from the others
@@ -43,6 +43,8 @@ def reduce_across_ranks(ctx, values: list[Logged], where: str) -> dict[str, tupl
     groups: dict[str, list] = {"sum": [], "max": [], "min": []}
     for name, fx, _ in layout:
         v = mine.get(name)
+        if fx == "metric":
+            continue  # a torchmetrics object: it syncs itself (loop/metrics.py)
         if fx == "mean":
             groups["sum"] += [v.total.float(), float(v.weight)] if v else [0.0, 0.0]
         elif fx == "sum":
@@ -53,7 +55,9 @@ def reduce_across_ranks(ctx, values: list[Logged], where: str) -> dict[str, tupl
     reduced = {op: iter(ctx.all_reduce(_stack(items, device), op)) for op, items in groups.items() if items}
     out = {}
     for name, fx, spec in layout:
-        if fx == "mean":
+        if fx == "metric":
+            out[name] = (None, spec)
+        elif fx == "mean":
             group = reduced["sum"]
             total, weight = next(group), next(group)
             out[name] = (total / weight, spec)
@@ -91,3 +95,27 @@ def _agreed_layout(ctx, layout: tuple, where: str) -> tuple:
 
 def _describe(layout: tuple) -> str:
     return ", ".join(name if fx == "mean" else f"{name} ({fx})" for name, fx, _ in layout)
+
+
+def prime_empty_list_states(ctx, metrics: list) -> None:
+    """Before torchmetrics objects sync themselves: a rank that evaluated no batch (exact
+    evaluation with fewer batches than ranks) holds empty list states ("cat" states: AUROC's
+    predictions), which torchmetrics cannot gather beside other ranks' 2-D tensors (a gloo size
+    mismatch, or a hang). Such a state gets an empty tensor of the others' trailing shape and
+    dtype, which gathers as nothing. One object gather, only for metrics with list states."""
+    metrics = [m for m in metrics if any(isinstance(d, list) for d in getattr(m, "_defaults", {}).values())]
+    if not metrics:
+        return
+
+    def layout(metric) -> dict:
+        return {attr: (tuple(value[0].shape[1:]), value[0].dtype)
+                for attr, default in metric._defaults.items()
+                if isinstance(default, list) and (value := getattr(metric, attr)) and value[0].ndim}
+    everyone = ctx.all_gather_object([layout(m) for m in metrics])
+    for i, metric in enumerate(metrics):
+        for attr, default in metric._defaults.items():
+            if isinstance(default, list) and not getattr(metric, attr):
+                known = next((rank[i][attr] for rank in everyone if attr in rank[i]), None)
+                if known is not None:
+                    shape, dtype = known
+                    setattr(metric, attr, [torch.empty((0, *shape), dtype=dtype, device=metric.device)])
