@@ -51,6 +51,19 @@ class _MetricObject:
     def logged(self, name: str, spec: MetricSpec) -> Logged:
         return Logged(name, "metric", torch.zeros(()), 0.0, spec)
 
+    # torchmetrics keeps its states out of the module's state_dict (persistent=False): a
+    # checkpoint carries them here. Copies: torchmetrics updates its tensors in place.
+    def state(self) -> dict:
+        m = self.metric
+        return {"states": {k: [t.clone() for t in v] if isinstance(v, list) else v.clone()
+                           for k, v in ((k, getattr(m, k)) for k in m._defaults)},
+                "update_count": m._update_count}
+
+    def load_state(self, saved: dict, device: torch.device) -> None:
+        for k, v in saved["states"].items():
+            setattr(self.metric, k, [t.to(device) for t in v] if isinstance(v, list) else v.to(device))
+        self.metric._update_count = saved["update_count"]
+
 
 class _Accumulator:
     """Epoch reduction of one metric, on the value's device."""
@@ -272,12 +285,14 @@ class MetricCollector:
 
     # ------------------------------------------------------------------ exact resume
     def state_dict(self) -> dict:
-        """The training epoch's running aggregates, so a mid-epoch resume reports the same epoch
-        means as an uninterrupted run."""
+        """The training epoch's running aggregates (and logged torchmetrics objects' states), so a
+        mid-epoch resume reports the same epoch values as an uninterrupted run."""
         train = self._epoch.get("train", {})
         return {"train": {n: {"total": a.total, "weight": a.weight, "reduce_fx": a.reduce_fx}
-                          for n, a in train.items() if a.total is not None},
-                "specs": {f"{st}/{n}": [s.on_step, s.on_epoch, s.prog_bar, s.logger, s.reduce_fx, s.sync_dist]
+                          for n, a in train.items() if isinstance(a, _Accumulator) and a.total is not None},
+                "objects": {n: a.state() for n, a in train.items() if isinstance(a, _MetricObject)},
+                "specs": {f"{st}/{n}": [s.on_step, s.on_epoch, s.prog_bar, s.logger, s.reduce_fx, s.sync_dist,
+                                        s.metric_path]
                           for (st, n), s in self._specs.items()},
                 "finalized": dict(self._finalized)}
 
@@ -287,13 +302,17 @@ class MetricCollector:
             acc = _Accumulator(d["reduce_fx"])
             acc.total, acc.weight = d["total"].to(device), d["weight"]
             accs[n] = acc
-        self._epoch["train"] = accs
         for key, fields in state.get("specs", {}).items():
             stage, name = key.split("/", 1)
             self._specs[(stage, name)] = MetricSpec(*fields)
+        for n, saved in state.get("objects", {}).items():
+            accs[n] = _MetricObject(self._metric_at(n, self._specs[("train", n)]))
+            accs[n].load_state(saved, device)
+        self._epoch["train"] = accs
         self._resolved.clear()
         self._logger_names.clear()
         self._finalized.update(state.get("finalized", {}))
+
 
 def _is_torchmetric(value: Any) -> bool:
     """A torchmetrics ``Metric`` (duck-typed: torchmetrics is not a dependency)."""

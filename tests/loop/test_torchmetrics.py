@@ -102,3 +102,18 @@ def test_logging_a_metric_on_step_before_calling_it_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"self.log\('train_acc', <MulticlassAccuracy>, on_step=True\): call "
                                          r"the metric on the batch first"):
         make_trainer(tmp_path).fit(UpdatesOnly(), DataLoader(data(16), batch_size=8))
+
+
+def test_a_metric_object_survives_a_mid_epoch_resume(tmp_path):
+    """torchmetrics keeps its states out of state_dict; the checkpoint carries them, so the
+    resumed epoch's train_acc_epoch is the uninterrupted one's."""
+    def fit(name, max_steps=-1, ckpt_path=None):
+        trainer = rt.Trainer(launcher="local", accelerator="cpu", max_epochs=1, max_steps=max_steps, seed=0,
+                             logger=False,
+                             enable_progress_bar=False, storage_path=str(tmp_path), name=name,
+                             callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=1)])
+        trainer.fit(RtMetrics(), DataLoader(data(56, seed=2), batch_size=8), ckpt_path=ckpt_path)
+        return trainer.callback_metrics.get("train_acc_epoch")
+    straight = fit("straight")  # one epoch of 7 batches
+    assert fit("resumed", max_steps=2) is None  # stopped mid-epoch
+    assert fit("resumed", ckpt_path="last") == straight
