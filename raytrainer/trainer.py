@@ -13,7 +13,7 @@ from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
 from raytrainer.errors import ConfigError, Preempted
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
-from raytrainer.loop.evaluate import merge_predictions
+from raytrainer.loop.evaluate import merge_predictions, split_by_dataloader
 from raytrainer.module import Module
 from raytrainer.result import FitResult
 from raytrainer.runtime import preflight
@@ -135,11 +135,13 @@ class Trainer:
 
     def validate(self, model: Module | None = None, dataloaders=None, ckpt_path: str | None = None,
                  datamodule: DataModule | None = None, verbose: bool = True) -> list[dict[str, float]]:
-        return [self._evaluate("validate", model, dataloaders, ckpt_path, datamodule, verbose)]
+        """The epoch values, one dict per loader (Lightning's result)."""
+        return self._evaluate("validate", model, dataloaders, ckpt_path, datamodule, verbose)
 
     def test(self, model: Module | None = None, dataloaders=None, ckpt_path: str | None = None,
              datamodule: DataModule | None = None, verbose: bool = True) -> list[dict[str, float]]:
-        return [self._evaluate("test", model, dataloaders, ckpt_path, datamodule, verbose)]
+        """The epoch values, one dict per loader (Lightning's result)."""
+        return self._evaluate("test", model, dataloaders, ckpt_path, datamodule, verbose)
 
     def predict(self, model: Module | None = None, dataloaders=None, datamodule: DataModule | None = None,
                 return_predictions: bool = True, ckpt_path: str | None = None):
@@ -161,7 +163,7 @@ class Trainer:
         out = self._launch(stage, model, datamodule, {kind: dataloaders}, ckpt_path)
         if verbose:
             log.info("%s: %s", stage, ", ".join(f"{k}={v:.6g}" for k, v in sorted(out["metrics"].items())))
-        return out["metrics"]
+        return split_by_dataloader(out["metrics"], out["dataloaders"])
 
     def _model_or_last(self, model):
         if model is None:

@@ -395,7 +395,9 @@ def test_evaluation_with_a_datamodule(tmp_path):
     model = Model()
     trainer = make_trainer(tmp_path)
     assert set(trainer.validate(model, datamodule=Data(), verbose=False)[0]) == {"val_loss"}
-    assert trainer.test(model, Data(), verbose=False) == [{"seen_0": 4.0, "seen_1": 6.0}]
+    # one dict per loader, names suffixed by their loader (Lightning)
+    assert trainer.test(model, Data(), verbose=False) == [{"seen_0/dataloader_idx_0": 4.0},
+                                                          {"seen_1/dataloader_idx_1": 6.0}]
 
 
 def test_predict_default_predict_step_is_forward(tmp_path):

@@ -1,12 +1,15 @@
 """Callback base class and the event timeline.
 
-Every event calls, in this order: the Module's hook, then each callback's hook (in the order given
-to the Trainer, callbacks from ``configure_callbacks`` last), then the loggers (where the event
-logs anything). Loggers and the progress bar exist only on global rank 0.
+Every event calls, in Lightning's order: each callback's hook (in the order given to the Trainer,
+callbacks from ``configure_callbacks`` last), then the Module's hook, then the loggers (where the
+event logs anything). One exception, Lightning's too: at a training epoch's end the callbacks
+that decide on logged metrics (ModelCheckpoint, EarlyStopping: ``monitors_metrics``) run after
+the Module's hook, so they see what it logged there. Loggers and the progress bar exist only on
+global rank 0. tests/callbacks/test_callbacks.py checks the whole order against pytorch-lightning.
 
 ``fit`` runs these events, top to bottom::
 
-    setup(stage="fit")                          datamodule.setup, module.setup, callbacks
+    setup(stage="fit")                          datamodule.setup, callbacks, module.setup
     configure_optimizers; restore checkpoint    on_load_checkpoint(checkpoint) when resuming
     on_fit_start
     on_train_start
@@ -14,17 +17,19 @@ logs anything). Loggers and the progress bar exist only on global rank 0.
         on_train_epoch_start
         for batch in the epoch's batches (resumed batches skipped by index, never replayed):
             on_train_batch_start(batch, batch_idx)        returning -1 ends the epoch
-            training_step -> on_before_backward(loss) -> backward -> on_after_backward
+            training_step
+            on_before_zero_grad(optimizer); zero_grad      first batch of an accumulation window
+            on_before_backward(loss) -> backward -> on_after_backward
             if the accumulation window is complete (every k batches, and at the epoch's end):
                 on_before_optimizer_step(optimizer)        gradients are unscaled here
-                clip gradients; optimizer step; on_before_zero_grad(optimizer); zero_grad
-                step-interval schedulers
+                clip gradients; optimizer step; step-interval schedulers
             on_train_batch_end(outputs, batch, batch_idx)
             loggers.log_metrics                            every log_every_n_steps steps
             [validation]                                   at val_check_interval; the epoch's
                                                            validation runs here, after its last batch
             on_checkpoint_boundary                         ModelCheckpoint saves here
-        on_train_epoch_end                                 module, epoch aggregates reduced, callbacks
+        on_train_epoch_end                                 epoch aggregates reduced; callbacks, module,
+                                                           then ModelCheckpoint/EarlyStopping
         loggers.log_metrics(epoch aggregates)
         epoch-interval schedulers
         on_checkpoint_boundary
@@ -55,6 +60,10 @@ from typing import Any
 
 class Callback:
     """Subclass and override the hooks you need; every hook is a no-op here."""
+
+    # Decides on logged metrics (ModelCheckpoint, EarlyStopping): at a training epoch's end it
+    # runs after the module's on_train_epoch_end, so it sees what the module logged there.
+    monitors_metrics = False
 
     @property
     def state_key(self) -> str:

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 
 class EarlyStopping(Callback):
+    monitors_metrics = True  # after the module at a training epoch's end (Lightning)
+
     def __init__(self, monitor: str, min_delta: float = 0.0, patience: int = 3, verbose: bool = False,
                  mode: str = "min", strict: bool = True, check_finite: bool = True,
                  stopping_threshold: float | None = None, divergence_threshold: float | None = None,

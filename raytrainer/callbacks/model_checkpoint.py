@@ -49,6 +49,8 @@ def _worst(best_k: dict[str, float], mode: str) -> str:
 
 
 class ModelCheckpoint(Callback):
+    monitors_metrics = True  # after the module at a training epoch's end (Lightning)
+
     def __init__(self, monitor: str | None = None, mode: str = "min", save_top_k: int = 1,
                  save_last: bool | None = None, every_n_train_steps: int | None = None,
                  every_n_epochs: int | None = None, train_time_interval: Any = None,

@@ -74,6 +74,7 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
             for dl_idx, loader in enumerate(loaders):
                 shard = loader.batch_sampler if isinstance(getattr(loader, "batch_sampler", None), EvalShard) else None
                 extra = (dl_idx,) if len(loaders) > 1 else ()
+                run.metrics.dataloader_suffix = f"/dataloader_idx_{dl_idx}" if len(loaders) > 1 else ""
                 if predict is not None:
                     for record in (predict.outputs, predict.epoch_batch_indices, predict.order):
                         record.append([])
@@ -90,16 +91,47 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
                     if predict is not None:
                         _record_prediction(predict, run.ctx, shard, dl_idx, batch_idx, out)
                     run.hooks.call(f"on_{hook}_batch_end", out, batch, batch_idx, dl_idx)
-        run.hooks.call(f"on_{hook}_epoch_end")
-        values = run.metrics.logger_filter(run.metrics.end_epoch(stage), stage)
+                    step_values = run.metrics.eval_step_metrics()
+                    if step_values:
+                        run.log_to_loggers(step_values, batch_idx)  # Lightning's step for them
+                run.metrics.dataloader_suffix = ""
+        values = end_epoch_in_order(run, f"on_{hook}_epoch_end", stage)
+        values = run.metrics.logger_filter(values, stage)
         if values:
             logged = {**values, "epoch": float(run.progress.current_epoch)}  # as every logged row (Lightning)
             run.log_to_loggers(logged, run.progress.global_step)
         run.hooks.call(f"on_{hook}_end")
     finally:
+        run.metrics.dataloader_suffix = ""
         run.metrics.stage = previous_stage
         module.train(was_training)
     return values
+
+
+def end_epoch_in_order(run, hook: str, stage: str) -> dict[str, float]:
+    """An epoch's end, as Lightning orders it. The steps' values are reduced first: every hook
+    sees them in ``callback_metrics``. Then the callbacks' hook and the module's; at a training
+    epoch's end the callbacks that decide on metrics (ModelCheckpoint, EarlyStopping) run after
+    the module's hook and see what it logged there. Every rank runs every reduction (collectives)."""
+    values = run.metrics.end_epoch(stage)
+    if stage == "train":
+        run.hooks.call_callbacks(hook, monitoring=False)
+        run.hooks.call_module(hook)
+        values.update(run.metrics.end_epoch(stage))
+        run.hooks.call_callbacks(hook, monitoring=True)
+    else:
+        run.hooks.call(hook)
+    values.update(run.metrics.end_epoch(stage))
+    return values
+
+
+def split_by_dataloader(values: dict[str, float], num_loaders: int) -> list[dict[str, float]]:
+    """``validate()``/``test()``'s result: one dict per loader, each with its own
+    ``name/dataloader_idx_N`` values and the values logged outside the steps (Lightning)."""
+    if num_loaders == 1:
+        return [values]
+    return [{k: v for k, v in values.items() if k.endswith(f"/dataloader_idx_{i}") or "/dataloader_idx_" not in k}
+            for i in range(num_loaders)]
 
 
 def _record_prediction(predict: PredictLoop, ctx, shard: EvalShard | None, dl_idx: int, batch_idx: int,

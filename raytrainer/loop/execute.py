@@ -67,10 +67,10 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         _call_datamodule(datamodule, "prepare_data")
         module.prepare_data()
     ctx.barrier()
-    _call_datamodule(datamodule, "setup", stage)
-    module.setup(stage)
+    _call_datamodule(datamodule, "setup", stage)  # Lightning's order: datamodule, callbacks, module
     for cb in run.callbacks:
         cb.setup(trainer, module, stage)
+    module.setup(stage)
 
     kind = _LOADER_KIND[stage]
     main = resolve_loaders(kind, loaders.get(kind), datamodule, module)
@@ -121,13 +121,13 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     else:
         eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
                         for dl in main]
-        out = {"stage": stage, "metrics": run_evaluation(run, eval_loaders, stage)}
+        out = {"stage": stage, "metrics": run_evaluation(run, eval_loaders, stage), "dataloaders": len(eval_loaders)}
         if stage == "predict" and trainer._return_predictions:
             out["predictions"] = run.predict_loop.shard()  # this rank's (merge_predictions)
     _call_datamodule(datamodule, "teardown", stage)
-    module.teardown(stage)
     for cb in run.callbacks:
         cb.teardown(trainer, module, stage)
+    module.teardown(stage)
     for lg in run.loggers:
         lg.finalize("preempted" if run.preempted else "success")
     out.update(global_step=run.progress.global_step, current_epoch=run.progress.current_epoch)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.loop.evaluate import run_evaluation
+from raytrainer.loop.evaluate import end_epoch_in_order, run_evaluation
 from raytrainer.loop.loaders import TrainData
 from raytrainer.loop.preemption import handle_stop_request
 from raytrainer.profiler import (BACKWARD, DATA_NEXT, DATA_START, FORWARD, LOGGING, OPTIMIZER, SCHEDULERS,
@@ -149,14 +149,9 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
 
 def _end_epoch(run) -> None:
     """Epoch end: hooks, epoch aggregates to the loggers, epoch schedulers, boundary."""
-    # The epoch's aggregates are reduced between the module's hook and the callbacks', so callbacks
-    # (EarlyStopping without validation) see this epoch's values, including those the module logs
-    # in its own on_train_epoch_end, as in Lightning; what callbacks log is reduced after them.
-    run.hooks.call_module("on_train_epoch_end")
-    values = run.metrics.end_epoch("train")
-    run.hooks.call_callbacks("on_train_epoch_end")
-    values.update(run.metrics.end_epoch("train"))
-    values = run.metrics.logger_filter(values, "train")
+    # The module's hook sees this epoch's aggregates; callbacks (EarlyStopping without validation)
+    # also what the module logged in its hook (evaluate.py end_epoch_in_order).
+    values = run.metrics.logger_filter(end_epoch_in_order(run, "on_train_epoch_end", "train"), "train")
     if values:
         values["epoch"] = float(run.progress.current_epoch)
         with run.profiler.region(LOGGING):
@@ -192,12 +187,15 @@ def _forward_backward(run, batch: Any, batch_idx: int):
     with prof.region(FORWARD), run.precision.autocast():
         outputs = run.training_step(batch, batch_idx)
     loss = extract_loss(outputs)
+    k = run.cfg.accumulate_grad_batches
+    if batch_idx % k == 0:  # the window's first batch (Lightning's place for it, even without a loss)
+        with prof.region(OPTIMIZER):
+            run.zero_grad()
     if loss is None:
         return outputs, False
     run.note_loss(loss)  # checked on logging steps
     # Backward runs outside autocast (as torch recommends); the loss is averaged over the
     # window so k accumulated micro-batches equal one batch k times larger.
-    k = run.cfg.accumulate_grad_batches
     with prof.region(BACKWARD):
         run.backward(loss / k if k > 1 else loss)
     return outputs, True

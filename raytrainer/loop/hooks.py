@@ -1,5 +1,5 @@
-"""Hook dispatch: the module's hook, then each callback's, in the documented order
-(callbacks/base.py). Who implements a hook is looked up once per run: the step loop fires six
+"""Hook dispatch, in Lightning's order (callbacks/base.py): each callback's hook, then the
+module's (whose return value counts: ``on_train_batch_start`` returning -1). Who implements a hook is looked up once per run: the step loop fires six
 hooks per batch, and calling every inherited no-op of the module and of each callback every step
 would be most of the loop's own overhead.
 """
@@ -12,7 +12,7 @@ from raytrainer.module import Module
 
 
 class Hooks:
-    """``hooks.on_x`` runs hook ``on_x`` (the module's override, then the callbacks'), or is None
+    """``hooks.on_x`` runs hook ``on_x`` (the callbacks' overrides, then the module's), or is None
     when nothing overrides it: resolved at first use, then a plain attribute, so the step loop
     skips a hook nobody implements without even a function call. With a profiler, each resolved
     hook is timed as ``hook: on_x`` (wrapped once, here; nothing when profiling is off)."""
@@ -22,8 +22,8 @@ class Hooks:
         self._module = module
         self._callbacks = callbacks
         self._profiler = profiler
-        self._implemented: dict[str, tuple[Callable | None, list[Callable]]] = {}
-        self._parts: dict[tuple[str, int], Callable | None] = {}
+        self._implemented: dict[str, tuple[Callable | None, list[tuple[Callback, Callable]]]] = {}
+        self._parts: dict[tuple, Callable | None] = {}
 
     def __getattr__(self, hook: str) -> Callable | None:
         if hook.startswith("_"):
@@ -33,16 +33,19 @@ class Hooks:
         return fn
 
     def call(self, hook: str, *args: Any) -> Any:
-        """Module hook, then each callback's."""
+        """Each callback's hook, then the module's; returns the module's result."""
         fn = getattr(self, hook)
         return fn(*args) if fn is not None else None
 
     def call_module(self, hook: str, *args: Any) -> Any:
-        fn = self._part(hook, 0)
+        fn = self._part(hook, "module")
         return fn(*args) if fn is not None else None
 
-    def call_callbacks(self, hook: str, *args: Any) -> None:
-        fn = self._part(hook, 1)
+    def call_callbacks(self, hook: str, *args: Any, monitoring: bool | None = None) -> None:
+        """The callbacks' part of ``hook``; ``monitoring``: only those that do (True: ModelCheckpoint,
+        EarlyStopping and subclasses, ``Callback.monitors_metrics``) or do not (False) decide on
+        logged metrics — Lightning runs the module's on_train_epoch_end between the two groups."""
+        fn = self._part(hook, "callbacks", monitoring)
         if fn is not None:
             fn(*args)
 
@@ -50,7 +53,7 @@ class Hooks:
         return self._implementations(hook)[0] is not None
 
     # ------------------------------------------------------------------ resolution
-    def _implementations(self, hook: str) -> tuple[Callable | None, list[Callable]]:
+    def _implementations(self, hook: str) -> tuple[Callable | None, list[tuple[Callback, Callable]]]:
         """The module's method unless it is Module's no-op default, and the callbacks' methods
         that are not Callback's no-op."""
         entry = self._implemented.get(hook)
@@ -58,7 +61,7 @@ class Hooks:
             module_fn = getattr(self._module, hook, None)
             if is_default(module_fn, Module, hook):
                 module_fn = None
-            callback_fns = [fn for fn in (getattr(cb, hook) for cb in self._callbacks)
+            callback_fns = [(cb, fn) for cb, fn in ((cb, getattr(cb, hook)) for cb in self._callbacks)
                             if not is_default(fn, Callback, hook)]
             self._implemented[hook] = entry = (module_fn, callback_fns)
         return entry
@@ -69,26 +72,28 @@ class Hooks:
         if not callback_fns:
             return module_fn
         trainer, module = self._trainer, self._module
+        fns = [fn for _, fn in callback_fns]
 
         def dispatch(*args: Any) -> Any:
-            out = module_fn(*args) if module_fn is not None else None
-            for fn in callback_fns:
+            for fn in fns:
                 fn(trainer, module, *args)
-            return out
+            return module_fn(*args) if module_fn is not None else None
         return dispatch
 
-    def _part(self, hook: str, which: int) -> Callable | None:
-        """The module's part (0) or the callbacks' part (1) of ``hook`` alone, resolved once."""
-        key = (hook, which)
+    def _part(self, hook: str, which: str, monitoring: bool | None = None) -> Callable | None:
+        """The module's part or the callbacks' part of ``hook`` alone, resolved once."""
+        key = (hook, which, monitoring)
         if key not in self._parts:
             module_fn, callback_fns = self._implementations(hook)
-            if which == 0:
+            fns = [fn for cb, fn in callback_fns
+                   if monitoring is None or bool(getattr(cb, "monitors_metrics", False)) == monitoring]
+            if which == "module":
                 fn = module_fn
-            elif callback_fns:
+            elif fns:
                 trainer, module = self._trainer, self._module
 
                 def fn(*args: Any) -> None:
-                    for cb_fn in callback_fns:
+                    for cb_fn in fns:
                         cb_fn(trainer, module, *args)
             else:
                 fn = None

@@ -107,6 +107,7 @@ class MetricCollector:
         self.stage = "train"
         self.in_step = False
         self.batch_size = 1
+        self.dataloader_suffix = ""  # "/dataloader_idx_N" while one of several eval loaders runs (Lightning)
         self._specs: dict[tuple[str, str], MetricSpec] = {}
         self._resolved: dict[tuple[str, str], tuple] = {}     # (stage, name) -> (log args, spec)
         self._logger_names: dict[str, tuple[int, set[str]]] = {}  # stage -> (len(_specs), names)
@@ -114,6 +115,8 @@ class MetricCollector:
         self._epoch: dict[str, dict[str, _Accumulator]] = {}  # stage -> name -> acc
         self._finalized: dict[str, torch.Tensor] = {}         # completed epoch values, by shown name
         self._step_only_objects: dict[str, Any] = {}          # torchmetrics logged with on_epoch=False
+        self._eval_step_values: dict[str, torch.Tensor] = {}  # this evaluation batch's on_step values
+        self._epoch_value_newer: set[str] = set()  # train names whose epoch value followed their last step
         self.logged_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ recording
@@ -121,6 +124,8 @@ class MetricCollector:
             on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"self.log: the metric name must be a non-empty string, got {name!r}")
+        if self.dataloader_suffix:
+            name += self.dataloader_suffix
         training_step = self.stage == "train" and self.in_step
         # A metric is logged with the same arguments every step: its spec is resolved (and
         # checked against the first call's) once, then found by the arguments as given.
@@ -141,9 +146,6 @@ class MetricCollector:
             tensor = None if metric_object else _as_scalar_tensor(name, value)
             on_step = training_step if on_step is None else bool(on_step)
             on_epoch = (not training_step) if on_epoch is None else bool(on_epoch)
-            if self.stage != "train" and on_step:
-                on_step = False  # per-step values of evaluation are not logged (Lightning logs them
-                on_epoch = True  # per dataloader step; we keep evaluation to epoch aggregates)
             spec = MetricSpec(on_step, on_epoch, prog_bar, logger, "metric" if metric_object else REDUCE_FX[reduce_fx],
                               sync_dist, self._path_of(value) if metric_object else None)
             known = self._specs.setdefault((self.stage, name), spec)
@@ -154,7 +156,10 @@ class MetricCollector:
             if metric_object:
                 return self._log_metric_object(name, value, spec)
         if spec.on_step:
-            self._step_values[name] = tensor
+            if self.stage == "train":
+                self._step_values[name] = tensor
+            else:  # to the loggers after this evaluation batch (eval_step_metrics), this rank's value
+                self._eval_step_values[name] = tensor
         if spec.on_epoch:
             accs = self._epoch.setdefault(self.stage, {})
             acc = accs.get(name)
@@ -172,7 +177,8 @@ class MetricCollector:
                 raise ValueError(f"self.log({name!r}, <{type(metric).__name__}>, on_step=True): call the metric on "
                                  "the batch first (self.metric(preds, target)), which computes the batch's value; "
                                  "update() alone has none")
-            self._step_values[name] = _as_scalar_tensor(name, batch_value)
+            values = self._step_values if self.stage == "train" else self._eval_step_values
+            values[name] = _as_scalar_tensor(name, batch_value)
         if spec.on_epoch:
             self._epoch.setdefault(self.stage, {})[name] = _MetricObject(metric)
         else:
@@ -193,6 +199,7 @@ class MetricCollector:
         self._epoch[stage] = {}
         if stage == "train":
             self._step_values = {}
+            self._epoch_value_newer = set()
             for metric in self._step_only_objects.values():  # logged on step only: one epoch's worth
                 metric.reset()
 
@@ -218,6 +225,17 @@ class MetricCollector:
             values = torch.stack(tensors).tolist() if tensors else []
         return dict(zip(names, values))
 
+    def eval_step_metrics(self) -> dict[str, float]:
+        """An evaluation batch's ``on_step`` values, as ``{name}_step`` for the loggers (Lightning
+        logs them per batch; this rank's own values: a per-batch collective could not run with
+        ranks evaluating different numbers of batches). Empty, and free, when none were logged."""
+        if not self._eval_step_values:
+            return {}
+        names = [_shown(n, "_step") if self._specs[(self.stage, n)].on_epoch else n for n in self._eval_step_values]
+        values = torch.stack([v.float() for v in self._eval_step_values.values()]).tolist()
+        self._eval_step_values = {}
+        return self.logger_filter(dict(zip(names, values)), self.stage)
+
     def end_epoch(self, stage: str) -> dict[str, float]:
         """Reduce ``stage``'s epoch accumulators (across ranks where ``sync_dist``, weighted by
         what each rank saw) and keep them as the latest values. Every rank must call this: with
@@ -240,7 +258,7 @@ class MetricCollector:
         out_names, tensors = [], []
         for name in sorted(set(accs) | set(synced)):
             spec = self._specs[(stage, name)]
-            out_names.append((name, f"{name}_epoch" if spec.on_step else name))
+            out_names.append((name, _shown(name, "_epoch") if spec.on_step else name))
             value = synced[name][0] if synced.get(name, (None,))[0] is not None else accs[name].compute()
             tensors.append(_as_scalar_tensor(name, value).float().reshape(()).cpu())
         values = torch.stack(tensors) if tensors else torch.empty(0)
@@ -249,6 +267,8 @@ class MetricCollector:
             self._finalized[shown] = v
             self._finalized[name] = v
             result[shown] = float(v)
+            if stage == "train":
+                self._epoch_value_newer.add(name)
         self._epoch[stage] = {}
         return result
 
@@ -259,7 +279,7 @@ class MetricCollector:
             spec = self._specs[("train", name)]
             v = value.detach().float().cpu()
             out[f"{name}_step" if spec.on_epoch else name] = v
-            if not spec.on_epoch:
+            if name not in self._epoch_value_newer:  # ``name`` is whichever of the two came last
                 out[name] = v
         return out
 
@@ -281,7 +301,7 @@ class MetricCollector:
         """Drop metrics logged with ``logger=False``."""
         allowed = self.logger_names(stage)
         return {k: v for k, v in values.items()
-                if k in allowed or k.removesuffix("_step").removesuffix("_epoch") in allowed}
+                if k in allowed or _logged_name(k) in allowed}
 
     # ------------------------------------------------------------------ exact resume
     def state_dict(self) -> dict:
@@ -312,6 +332,21 @@ class MetricCollector:
         self._resolved.clear()
         self._logger_names.clear()
         self._finalized.update(state.get("finalized", {}))
+
+
+_LOADER = "/dataloader_idx_"
+
+
+def _shown(name: str, kind: str) -> str:
+    """``name`` with ``_step``/``_epoch``, before a loader suffix: ``v_epoch/dataloader_idx_0``."""
+    base, sep, idx = name.partition(_LOADER)
+    return f"{base}{kind}{sep}{idx}"
+
+
+def _logged_name(shown: str) -> str:
+    """The name ``self.log`` was given (with its loader suffix) of a shown name."""
+    base, sep, idx = shown.partition(_LOADER)
+    return base.removesuffix("_step").removesuffix("_epoch") + sep + idx
 
 
 def _is_torchmetric(value: Any) -> bool:

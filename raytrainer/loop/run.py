@@ -169,7 +169,7 @@ class Run:
 
     # ------------------------------------------------------------------ what the loop calls
     def optimizer_step(self) -> None:
-        """Unscale, hooks, clip, step, zero_grad for every optimizer: one automatic step."""
+        """Unscale, hooks, clip, step for every optimizer: one automatic step."""
         hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
         for optimizer in self.optimizers:
             self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
@@ -178,10 +178,17 @@ class Run:
             if self.cfg.gradient_clip_val:
                 self.clip_gradients(optimizer)
             self.precision.step(optimizer)
+        self.precision.update()
+
+    def zero_grad(self) -> None:
+        """Where Lightning clears gradients: after the first training_step of an accumulation
+        window, before its backward (so the last step's gradients stay readable until then, in
+        on_train_batch_end and callbacks, as in Lightning)."""
+        hooks = self.hooks
+        for optimizer in self.optimizers:
             if hooks.on_before_zero_grad is not None:
                 hooks.on_before_zero_grad(optimizer)
             optimizer.zero_grad(set_to_none=True)
-        self.precision.update()
 
     def step_schedulers(self, interval: str) -> None:
         """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
@@ -231,7 +238,8 @@ class Run:
 
     def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
         if metrics:
-            self.metrics.logged_metrics.update(metrics)
+            # Lightning's logged_metrics: what was logged, without the "epoch" every row carries
+            self.metrics.logged_metrics.update({k: v for k, v in metrics.items() if k != "epoch"})
             for lg in self.loggers:
                 lg.log_metrics(metrics, step)
 

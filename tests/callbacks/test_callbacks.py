@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import raytrainer as rt
 from helpers import (LinearModel, ScriptedValModel, csv_column, csv_path, loader, make_trainer,
@@ -87,7 +88,8 @@ def test_callbacks_see_this_epochs_aggregates_at_train_epoch_end(tmp_path):
 
     class Reader(rt.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            seen.append((trainer.callback_metrics["m"].item(), trainer.callback_metrics["hook"].item()))
+            hook = trainer.callback_metrics.get("hook")
+            seen.append((trainer.callback_metrics["m"].item(), None if hook is None else hook.item()))
             pl_module.log("from_callback", float(trainer.current_epoch) + 0.5)
 
     class Model(LinearModel):
@@ -101,7 +103,9 @@ def test_callbacks_see_this_epochs_aggregates_at_train_epoch_end(tmp_path):
 
     trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[Reader()], logger=rt.loggers.CSVLogger())
     trainer.fit(Model(), loader(n=6, batch_size=2))
-    assert seen == [(0 + 1 + 2, 0.0), (10 + 11 + 12, 1.0)]  # this epoch's, not the previous one's
+    # this epoch's aggregates; the module's on_train_epoch_end runs after this (non-monitoring)
+    # callback's, as in Lightning: its "hook" value is the previous epoch's
+    assert seen == [(0 + 1 + 2, None), (10 + 11 + 12, 0.0)]
     rows = read_csv(csv_path(trainer))
     assert csv_column(rows, "from_callback") == [(3, 0.5), (6, 1.5)]
     assert csv_column(rows, "m") == [(3, 3.0), (6, 33.0)]
@@ -178,13 +182,13 @@ CALLBACK_HOOKS.remove("on_exception")
 MODULE_HOOKS = [h for h in CALLBACK_HOOKS if h != "on_checkpoint_boundary"] + ["prepare_data"]
 
 
-def _recording_module(events):
+def _recording_module(events, base=None):
     def make(hook):
-        def method(self, *args):
+        def method(self, *args, **kwargs):
             events.append(f"M:{hook}")
         return method
 
-    Model = type("Recording", (LinearModel,), {h: make(h) for h in MODULE_HOOKS})
+    Model = type("Recording", (base or LinearModel,), {h: make(h) for h in MODULE_HOOKS})
 
     class Recorded(Model):
         def training_step(self, batch, batch_idx):
@@ -202,94 +206,98 @@ def _recording_module(events):
     return Recorded()
 
 
-class _Recorder(rt.Callback):
-    def __init__(self, tag, events):
-        self.tag, self.events = tag, events
-
-
 def _make_recorder_hook(hook):
-    def method(self, trainer, pl_module, *args):
+    def method(self, trainer, pl_module, *args, **kwargs):
         self.events.append(f"{self.tag}:{hook}")
     return method
 
 
-for _hook in CALLBACK_HOOKS:
-    setattr(_Recorder, _hook, _make_recorder_hook(_hook))
+def _recorder_class(base):
+    hooks = {h: _make_recorder_hook(h) for h in CALLBACK_HOOKS if hasattr(base, h) or h == "on_checkpoint_boundary"}
+    return type("Recorder", (base,), {"__init__": lambda self, tag, events: setattr(self, "tag", tag) or
+                                      setattr(self, "events", events), **hooks})
 
 
-class _RecordingData(rt.DataModule):
-    def __init__(self, events):
-        super().__init__()
-        self.events = events
-
-    def prepare_data(self):
-        self.events.append("D:prepare_data")
-
-    def setup(self, stage):
-        self.events.append("D:setup")
-
-    def teardown(self, stage):
-        self.events.append("D:teardown")
-
-    def train_dataloader(self):
-        return loader(n=4, batch_size=2)
-
-    def val_dataloader(self):
-        return loader(n=2, batch_size=2)
+_Recorder = _recorder_class(rt.Callback)
 
 
-def _both(hook):
-    return [f"M:{hook}", f"A:{hook}", f"B:{hook}"]
+def _recording_data(events, base=None):
+    class RecordingData(base or rt.DataModule):
+        def prepare_data(self):
+            events.append("D:prepare_data")
+
+        def setup(self, stage):
+            events.append("D:setup")
+
+        def teardown(self, stage):
+            events.append("D:teardown")
+
+        def train_dataloader(self):
+            return loader(n=4, batch_size=2)
+
+        def val_dataloader(self):
+            return loader(n=2, batch_size=2)
+    return RecordingData()
 
 
-def test_hook_order_for_one_epoch_with_validation(tmp_path):
-    events: list[str] = []
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[_Recorder("A", events), _Recorder("B", events)])
-    trainer.fit(_recording_module(events), datamodule=_RecordingData(events))
+def _lightning():
+    """The same recording module, callbacks and data under pytorch-lightning (the spec)."""
+    pl = pytest.importorskip("pytorch_lightning")
 
-    def train_batch(last):
-        out = [*_both("on_train_batch_start"), "M:training_step", *_both("on_before_backward"),
-               *_both("on_after_backward"), *_both("on_before_optimizer_step"),
-               *_both("on_before_zero_grad"), *_both("on_train_batch_end")]
-        if last:  # the epoch's validation comes before the step's checkpoint boundary
-            out += [*_both("on_validation_start"), *_both("on_validation_epoch_start"),
-                    *_both("on_validation_batch_start"), "M:validation_step",
-                    *_both("on_validation_batch_end"), *_both("on_validation_epoch_end"),
-                    *_both("on_validation_end")]
-        return out + ["A:on_checkpoint_boundary", "B:on_checkpoint_boundary"]
+    class PlLinear(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(2, 1)
 
-    expected = [
-        "D:prepare_data", "M:prepare_data",
-        "D:setup", *_both("setup"),
-        "M:configure_optimizers",
-        *_both("on_fit_start"), *_both("on_train_start"), *_both("on_train_epoch_start"),
-        *train_batch(last=False), *train_batch(last=True),
-        *_both("on_train_epoch_end"), "A:on_checkpoint_boundary", "B:on_checkpoint_boundary",
-        *_both("on_train_end"), *_both("on_fit_end"),
-        "D:teardown", *_both("teardown"),
-    ]
-    assert events == expected
+        def forward(self, x):
+            return self.layer(x)
+
+        def loss(self, batch):
+            return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def trainer(events, **kwargs):
+        return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                          callbacks=[_recorder_class(pl.Callback)(tag, events) for tag in "AB"], **kwargs)
+    return pl, PlLinear, trainer
 
 
-def test_hook_order_for_validate_test_predict(tmp_path):
-    events: list[str] = []
-    trainer = make_trainer(tmp_path, callbacks=[_Recorder("A", events), _Recorder("B", events)])
-    model = _recording_module(events)
-    trainer.validate(model, loader(n=2, batch_size=2), verbose=False)
-    assert events == [
-        "M:prepare_data", *_both("setup"),
-        *_both("on_validation_start"), *_both("on_validation_epoch_start"),
-        *_both("on_validation_batch_start"), "M:validation_step", *_both("on_validation_batch_end"),
-        *_both("on_validation_epoch_end"), *_both("on_validation_end"), *_both("teardown")]
+def _without_boundaries(events):
+    return [e for e in events if not e.endswith(":on_checkpoint_boundary")]
 
-    events.clear()
+
+def test_hook_order_for_one_epoch_with_validation_is_lightnings(tmp_path):
+    pl, PlLinear, pl_trainer = _lightning()
+    theirs: list[str] = []
+    pl_trainer(theirs, max_epochs=1).fit(_recording_module(theirs, PlLinear),
+                                         datamodule=_recording_data(theirs, pl.LightningDataModule))
+    ours: list[str] = []
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[_Recorder("A", ours), _Recorder("B", ours)])
+    trainer.fit(_recording_module(ours), datamodule=_recording_data(ours))
+    assert _without_boundaries(ours) == theirs
+    assert "M:on_before_zero_grad" in theirs  # the comparison covers the optimizer hooks too
+    # raytrainer's one addition: a checkpoint boundary after each step (after the epoch's
+    # validation on the last one) and after the epoch's end
+    boundaries = [i for i, e in enumerate(ours) if e == "A:on_checkpoint_boundary"]
+    assert [ours[i - 1] for i in boundaries] == ["M:on_train_batch_end", "M:on_validation_end",
+                                                 "M:on_train_epoch_end"]
+
+
+def test_hook_order_for_validate_test_predict_is_lightnings(tmp_path):
+    pl, PlLinear, pl_trainer = _lightning()
     x, _ = loader(n=2).dataset.tensors
-    trainer.predict(model, torch.utils.data.DataLoader(x, batch_size=2))
-    assert events == [
-        "M:prepare_data", *_both("setup"),
-        *_both("on_predict_start"), *_both("on_predict_epoch_start"),
-        *_both("on_predict_batch_start"), *_both("on_predict_batch_end"),
-        *_both("on_predict_epoch_end"), *_both("on_predict_end"), *_both("teardown")]
+    for stage, data in (("validate", lambda: loader(n=2, batch_size=2)),
+                        ("predict", lambda: torch.utils.data.DataLoader(x, batch_size=2))):
+        theirs: list[str] = []
+        getattr(pl_trainer(theirs), stage)(_recording_module(theirs, PlLinear), data())
+        ours: list[str] = []
+        trainer = make_trainer(tmp_path, callbacks=[_Recorder("A", ours), _Recorder("B", ours)])
+        getattr(trainer, stage)(_recording_module(ours), data())
+        assert ours == theirs, stage
 
 
 def test_hooks_get_lightning_arguments(tmp_path):
