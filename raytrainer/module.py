@@ -98,15 +98,21 @@ class Module(nn.Module):
     # ------------------------------------------------------------------ logging
     def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool = True,
             on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
-            sync_dist: bool = False, batch_size: int | None = None, **_ignored: Any) -> None:
-        """Record a scalar. Defaults follow Lightning: per step in training_step, per epoch in
-        validation/test steps and epoch-end hooks. Values stay on the device; they are read back
-        to the host only on logging steps and epoch ends."""
+            enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
+            add_dataloader_idx: bool = True, batch_size: int | None = None, metric_attribute: str | None = None,
+            rank_zero_only: bool = False) -> None:
+        """Record a scalar (or a torchmetrics Metric). Lightning's arguments and defaults: per step
+        in training_step, per epoch in validation/test steps and epoch-end hooks. Values stay on
+        the device; they are read back to the host only on logging steps and epoch ends.
+        ``metric_attribute`` is accepted and not needed (a logged Metric is found by identity)."""
         run = self._rt_run  # (called every step: no helper call, no message built unless it fails)
         if run is None:
             raise RuntimeError(f"self.log({name!r}) was called outside of a Trainer run")
+        if enable_graph or sync_dist_group is not None or rank_zero_only:
+            _check_log_options(name, enable_graph, sync_dist, sync_dist_group, rank_zero_only)
         run.metrics.log(name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
-                        reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
+                        reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size,
+                        add_dataloader_idx=add_dataloader_idx)
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         for k, v in dictionary.items():
@@ -229,3 +235,17 @@ def collect_init_args(obj: Any, args: tuple, ignore: str | list[str] | None) -> 
     for name in ignore:
         values.pop(name, None)
     return values
+
+
+def _check_log_options(name: str, enable_graph: bool, sync_dist: bool, sync_dist_group: Any,
+                       rank_zero_only: bool) -> None:
+    """The self.log options raytrainer does not implement: refused, never ignored."""
+    if enable_graph:
+        raise ValueError(f"self.log({name!r}, enable_graph=True) is not supported: logged values are detached "
+                         "(keep your own reference to the tensor if you need its graph)")
+    if sync_dist_group is not None:
+        raise ValueError(f"self.log({name!r}, sync_dist_group=...) is not supported: sync_dist=True reduces over "
+                         "all ranks")
+    if rank_zero_only and sync_dist:
+        raise ValueError(f"self.log({name!r}, rank_zero_only=True, sync_dist=True): a value logged on rank 0 "
+                         "alone cannot be reduced across ranks; drop one of them")

@@ -13,7 +13,7 @@ from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
 from raytrainer.errors import ConfigError, Preempted
 from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
-from raytrainer.loop.evaluate import merge_predictions, split_by_dataloader
+from raytrainer.loop.evaluate import merge_predictions
 from raytrainer.module import Module
 from raytrainer.result import FitResult
 from raytrainer.runtime import preflight
@@ -163,7 +163,7 @@ class Trainer:
         out = self._launch(stage, model, datamodule, {kind: dataloaders}, ckpt_path)
         if verbose:
             log.info("%s: %s", stage, ", ".join(f"{k}={v:.6g}" for k, v in sorted(out["metrics"].items())))
-        return split_by_dataloader(out["metrics"], out["dataloaders"])
+        return out["per_loader"]
 
     def _model_or_last(self, model):
         if model is None:
@@ -378,11 +378,25 @@ class Trainer:
         return {**self.__dict__, "_run": None}
 
 
+# LightningModule hooks a module may override that the loop does not call (yet): an override is an
+# error before anything starts, never silently skipped.
+LIGHTNING_HOOKS_NOT_CALLED = (
+    "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping", "lr_scheduler_step",
+    "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer", "configure_model",
+    "configure_sharded_model", "on_validation_model_eval", "on_validation_model_train",
+    "on_validation_model_zero_grad", "on_test_model_eval", "on_test_model_train", "on_predict_model_eval")
+
+
 def _check_module(model, stage: str) -> None:
     if not isinstance(model, Module):
         raise TypeError(f"expected an rt.Module (a raytrainer.Module subclass), got {type(model).__name__}. "
                         "A LightningModule only needs its import changed: `import raytrainer as rt; "
                         "class Lit(rt.Module)`")
+    overridden = [hook for hook in LIGHTNING_HOOKS_NOT_CALLED if callable(getattr(type(model), hook, None))]
+    if overridden:
+        raise TypeError(f"{type(model).__name__} overrides {', '.join(overridden)}: Lightning hooks raytrainer does "
+                        "not call yet. Remove them or move what they do into hooks it calls (training_step, "
+                        "configure_optimizers, the on_* hooks): never silently skipped")
     if stage == "fit" and type(model).training_step is Module.training_step:
         raise TypeError(f"{type(model).__name__} does not define training_step(self, batch, batch_idx)")
     if stage == "fit" and model.automatic_optimization and \

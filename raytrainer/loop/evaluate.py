@@ -74,7 +74,7 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
             for dl_idx, loader in enumerate(loaders):
                 shard = loader.batch_sampler if isinstance(getattr(loader, "batch_sampler", None), EvalShard) else None
                 extra = (dl_idx,) if len(loaders) > 1 else ()
-                run.metrics.dataloader_suffix = f"/dataloader_idx_{dl_idx}" if len(loaders) > 1 else ""
+                run.metrics.dataloader_idx = dl_idx if len(loaders) > 1 else None
                 if predict is not None:
                     for record in (predict.outputs, predict.epoch_batch_indices, predict.order):
                         record.append([])
@@ -94,7 +94,7 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
                     step_values = run.metrics.eval_step_metrics()
                     if step_values:
                         run.log_to_loggers(step_values, batch_idx)  # Lightning's step for them
-                run.metrics.dataloader_suffix = ""
+                run.metrics.dataloader_idx = None
         values = end_epoch_in_order(run, f"on_{hook}_epoch_end", stage)
         values = run.metrics.logger_filter(values, stage)
         if values:
@@ -102,7 +102,7 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
             run.log_to_loggers(logged, run.progress.global_step)
         run.hooks.call(f"on_{hook}_end")
     finally:
-        run.metrics.dataloader_suffix = ""
+        run.metrics.dataloader_idx = None
         run.metrics.stage = previous_stage
         module.train(was_training)
     return values
@@ -123,15 +123,6 @@ def end_epoch_in_order(run, hook: str, stage: str) -> dict[str, float]:
         run.hooks.call(hook)
     values.update(run.metrics.end_epoch(stage))
     return values
-
-
-def split_by_dataloader(values: dict[str, float], num_loaders: int) -> list[dict[str, float]]:
-    """``validate()``/``test()``'s result: one dict per loader, each with its own
-    ``name/dataloader_idx_N`` values and the values logged outside the steps (Lightning)."""
-    if num_loaders == 1:
-        return [values]
-    return [{k: v for k, v in values.items() if k.endswith(f"/dataloader_idx_{i}") or "/dataloader_idx_" not in k}
-            for i in range(num_loaders)]
 
 
 def _record_prediction(predict: PredictLoop, ctx, shard: EvalShard | None, dl_idx: int, batch_idx: int,

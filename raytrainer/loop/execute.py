@@ -121,7 +121,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     else:
         eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
                         for dl in main]
-        out = {"stage": stage, "metrics": run_evaluation(run, eval_loaders, stage), "dataloaders": len(eval_loaders)}
+        values = run_evaluation(run, eval_loaders, stage)
+        out = {"stage": stage, "metrics": values, "per_loader": run.metrics.per_loader(values, stage, len(eval_loaders))}
         if stage == "predict" and trainer._return_predictions:
             out["predictions"] = run.predict_loop.shard()  # this rank's (merge_predictions)
     _call_datamodule(datamodule, "teardown", stage)

@@ -107,7 +107,7 @@ class MetricCollector:
         self.stage = "train"
         self.in_step = False
         self.batch_size = 1
-        self.dataloader_suffix = ""  # "/dataloader_idx_N" while one of several eval loaders runs (Lightning)
+        self.dataloader_idx: int | None = None  # while one of several eval loaders runs: "/dataloader_idx_N"
         self._specs: dict[tuple[str, str], MetricSpec] = {}
         self._resolved: dict[tuple[str, str], tuple] = {}     # (stage, name) -> (log args, spec)
         self._logger_names: dict[str, tuple[int, set[str]]] = {}  # stage -> (len(_specs), names)
@@ -117,15 +117,17 @@ class MetricCollector:
         self._step_only_objects: dict[str, Any] = {}          # torchmetrics logged with on_epoch=False
         self._eval_step_values: dict[str, torch.Tensor] = {}  # this evaluation batch's on_step values
         self._epoch_value_newer: set[str] = set()  # train names whose epoch value followed their last step
+        self._loader_of: dict[tuple[str, str], int] = {}  # (stage, name) -> the eval loader it was logged in
         self.logged_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ recording
     def log(self, name: str, value: Any, *, prog_bar: bool, logger: bool, on_step: bool | None,
-            on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None) -> None:
+            on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None,
+            add_dataloader_idx: bool = True) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"self.log: the metric name must be a non-empty string, got {name!r}")
-        if self.dataloader_suffix:
-            name += self.dataloader_suffix
+        if self.dataloader_idx is not None and add_dataloader_idx:
+            name = f"{name}{_LOADER}{self.dataloader_idx}"
         training_step = self.stage == "train" and self.in_step
         # A metric is logged with the same arguments every step: its spec is resolved (and
         # checked against the first call's) once, then found by the arguments as given.
@@ -153,6 +155,8 @@ class MetricCollector:
                 raise ValueError(f"self.log({name!r}) was called with different arguments in the same "
                                  f"{self.stage} run: {known} then {spec}")
             self._resolved[(self.stage, name)] = (args, spec)
+            if self.dataloader_idx is not None:
+                self._loader_of[(self.stage, name)] = self.dataloader_idx
             if metric_object:
                 return self._log_metric_object(name, value, spec)
         if spec.on_step:
@@ -271,6 +275,18 @@ class MetricCollector:
                 self._epoch_value_newer.add(name)
         self._epoch[stage] = {}
         return result
+
+    def per_loader(self, values: dict[str, float], stage: str, num_loaders: int) -> list[dict[str, float]]:
+        """``validate()``/``test()``'s result: one dict per loader, each with the values logged
+        while that loader ran and those logged outside the steps (Lightning)."""
+        if num_loaders == 1:
+            return [values]
+        out: list[dict[str, float]] = [{} for _ in range(num_loaders)]
+        for shown, value in values.items():
+            loader = self._loader_of.get((stage, _logged_name(shown)))
+            for i in range(num_loaders) if loader is None else (loader,):
+                out[i][shown] = value
+        return out
 
     def callback_metrics(self) -> dict[str, torch.Tensor]:
         """Latest value of every metric (as CPU tensors, as Lightning's callback_metrics)."""
