@@ -72,6 +72,43 @@ class Module(nn.Module):
         return torch.device("cpu")
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's first floating-point parameter (float32 without any)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    @property
+    def logger(self):
+        """The Trainer's first logger (None without one), as Lightning's ``self.logger``; on
+        ranks other than 0 there are none."""
+        return self._rt_trainer.logger if self._rt_trainer is not None else None
+
+    @property
+    def loggers(self) -> list:
+        return self._rt_trainer.loggers if self._rt_trainer is not None else []
+
+    def freeze(self) -> None:
+        """No gradients for any parameter, and eval mode (Lightning's ``freeze``)."""
+        for p in self.parameters():
+            p.requires_grad = False
+        self.eval()
+
+    def unfreeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad = True
+        self.train()
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Every rank's ``data`` (tensors, or dicts/lists of them) stacked on a new first dim of
+        size world_size; unchanged in one process (Lightning's). A collective: every rank calls
+        it, so not from an evaluation step (ranks may run different numbers of batches there)."""
+        if group is not None:
+            raise ValueError("self.all_gather(group=...) is not supported: it gathers over all ranks")
+        strategy = self._rt_trainer.strategy if self._rt_trainer is not None else None
+        if strategy is None or strategy.world_size == 1:
+            return data
+        return strategy.all_gather(data, sync_grads=sync_grads)
+
+    @property
     def global_step(self) -> int:
         return self._rt_trainer.global_step if self._rt_trainer is not None else 0
 

@@ -118,7 +118,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                 outputs = run.training_step(batch, batch_idx)
             window_done = True
         if hooks.on_train_batch_end is not None:
-            hooks.on_train_batch_end(outputs, batch, batch_idx)
+            hooks.on_train_batch_end(batch_end_outputs(outputs) if automatic else outputs, batch, batch_idx)
         metrics.in_step = False
 
         if progress.global_step != steps_before and progress.global_step % cfg.log_every_n_steps == 0:
@@ -199,6 +199,17 @@ def _forward_backward(run, batch: Any, batch_idx: int):
     with prof.region(BACKWARD):
         run.backward(loss / k if k > 1 else loss)
     return outputs, True
+
+
+def batch_end_outputs(outputs: Any) -> dict:
+    """What on_train_batch_end receives in automatic optimization, as in Lightning: a dict whose
+    "loss" is detached (a returned tensor becomes {"loss": ...}; None becomes {}); a returned
+    dict's other entries as they were."""
+    if outputs is None:
+        return {}
+    if isinstance(outputs, torch.Tensor):
+        return {"loss": outputs.detach()}
+    return {**outputs, "loss": outputs["loss"].detach()}
 
 
 def extract_loss(outputs: Any) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from raytrainer.checkpoint.format import check_module_state, load_module_state
@@ -112,6 +113,24 @@ class Strategy:
     def broadcast(self, obj, src: int = 0):
         """``obj`` as rank ``src`` has it, on every rank (a collective)."""
         return self.ctx.broadcast_object(obj, src) if self.ctx is not None else obj
+
+    def all_gather(self, data, sync_grads: bool = False):
+        """Every rank's tensors (in ``data``, possibly nested in dicts/lists/tuples) stacked on a new
+        first dimension (Lightning's ``strategy.all_gather``); ``sync_grads``: differentiable."""
+        if self.ctx is None or self.world_size == 1:
+            return data
+        if isinstance(data, dict):
+            return {k: self.all_gather(v, sync_grads) for k, v in data.items()}
+        if isinstance(data, (list, tuple)):
+            return type(data)(self.all_gather(v, sync_grads) for v in data)
+        if not isinstance(data, torch.Tensor):
+            data = torch.tensor(data, device=self.device)
+        if sync_grads:
+            from torch.distributed.nn.functional import all_gather as differentiable_all_gather
+            return torch.stack(differentiable_all_gather(data.contiguous()))
+        out = [torch.empty_like(data) for _ in range(self.world_size)]
+        dist.all_gather(out, data.contiguous())
+        return torch.stack(out)
 
     def all_gather_object(self, obj) -> list:
         return self.ctx.all_gather_object(obj) if self.ctx is not None else [obj]

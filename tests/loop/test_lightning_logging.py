@@ -143,3 +143,40 @@ def test_names_hooks_rows_and_results_match_lightning(tmp_path, val_loaders):
 def test_logger_rows_use_lightnings_step_numbers(tmp_path):
     (_, _, rt_rows, _), (_, _, pl_rows, _) = _both(tmp_path, lambda: loader(10, 1))
     assert [step for step, _ in rt_rows.rows] == [step for step, _ in pl_rows.rows]
+
+
+class ReturnsCode:
+    """training_step returns a tensor, a dict with an extra entry, or None (a skipped batch)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(2, 1)
+        self.kind, self.got = kind, []
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        return {"tensor": loss, "dict": {"loss": loss, "extra": 2 * loss, "n": 3}, "none": None}[self.kind]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.got.append({k: (round(float(v), 6), v.requires_grad) if isinstance(v, torch.Tensor) else v
+                         for k, v in outputs.items()})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dict", "none"])
+def test_on_train_batch_end_gets_lightnings_outputs(tmp_path, kind):
+    class Ours(ReturnsCode, rt.Module):
+        pass
+
+    class Theirs(ReturnsCode, pl.LightningModule):
+        pass
+
+    ours, theirs = Ours(kind), Theirs(kind)
+    make_trainer(tmp_path).fit(ours, loader(8, 0))
+    pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+               enable_checkpointing=False, enable_model_summary=False,
+               default_root_dir=str(tmp_path)).fit(theirs, loader(8, 0))
+    assert ours.got == theirs.got and len(ours.got) == 2

@@ -1,0 +1,81 @@
+"""LightningModule conveniences users call: all_gather, logger/loggers, freeze/unfreeze, dtype
+(side by side with pytorch-lightning in one process; all_gather on 2 real gloo ranks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import LinearModel, loader, make_trainer
+from multirank import GlooContext, run_ranks
+
+import raytrainer as rt
+from raytrainer.loop.execute import execute
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Gathers(LinearModel):
+    def __init__(self):
+        super().__init__()
+        self.gathered = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        rank = torch.tensor([float(self.global_rank)])
+        self.gathered.append(self.all_gather({"rank": rank, "pair": (rank, 2 * rank)}))
+        together = self.all_gather(loss, sync_grads=True)  # (world,) and differentiable
+        return together.sum()
+
+
+def test_all_gather_in_one_process_returns_the_data_as_lightning_does(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    model = Gathers()
+    make_trainer(tmp_path, max_steps=1).fit(model, loader())
+
+    class Theirs(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.gathered = torch.nn.Linear(2, 1), []
+
+        def training_step(self, batch, batch_idx):
+            self.gathered.append(self.all_gather({"rank": torch.tensor([0.0])}))
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    theirs = Theirs()
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               enable_model_summary=False, default_root_dir=str(tmp_path)).fit(theirs, loader())
+    assert model.gathered[0]["rank"].shape == theirs.gathered[0]["rank"].shape == (1,)
+
+
+def test_all_gather_on_two_ranks_stacks_every_ranks_data_and_carries_gradients(tmp_path):
+    def rank_fn(rank, world_size):
+        model = Gathers()
+        execute(make_trainer(tmp_path, max_steps=2), "fit", model, None, {"train": loader(n=8)}, None,
+                GlooContext(rank, world_size))
+        return model.gathered, [p.grad is not None for p in model.parameters()]
+    for gathered, has_grads in run_ranks(rank_fn):
+        assert torch.equal(gathered[0]["rank"], torch.tensor([[0.0], [1.0]]))
+        assert torch.equal(gathered[0]["pair"][1], torch.tensor([[0.0], [2.0]]))
+        assert all(has_grads)  # the gathered loss was differentiable
+
+
+def test_logger_freeze_unfreeze_and_dtype(tmp_path):
+    seen = {}
+
+    class Model(LinearModel):
+        def on_fit_start(self):
+            seen["logger"], seen["loggers"] = self.logger, self.loggers
+
+    csv = rt.loggers.CSVLogger()
+    trainer = make_trainer(tmp_path, logger=csv)
+    model = Model()
+    assert model.logger is None and model.loggers == [] and model.dtype == torch.float32
+    trainer.fit(model, loader())
+    assert seen["logger"] is csv and seen["loggers"] == [csv]
+    model.freeze()
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    model.unfreeze()
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    assert model.double().dtype == torch.float64
