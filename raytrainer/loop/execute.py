@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 from typing import Any
+
+import torch
 
 from raytrainer import redaction
 from raytrainer.checkpoint.format import checkpoints_root
@@ -106,8 +109,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
         train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0,
                           use_distributed_sampler=cfg.use_distributed_sampler)
-        run.set_data_sizes(limited_length(train, cfg.limit_train_batches),
-                           [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders])
+        run.set_data_sizes(limited_length(train, cfg.limit_train_batches), _largest_on_any_rank(
+            ctx, [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders]))
         run.profiler.start(ctx, run.device, cfg)
         fit_loop(run, train, val_loaders)
         preempted = None
@@ -133,6 +136,19 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         lg.finalize("preempted" if run.preempted else "success")
     out.update(global_step=run.progress.global_step, current_epoch=run.progress.current_epoch)
     return out
+
+
+def _largest_on_any_rank(ctx, sizes: list[float]) -> list[float]:
+    """Evaluation shards may differ by a batch between ranks (exact evaluation; a rank may have
+    none). What the loop and callbacks decide from ``num_val_batches`` (is there a validation?
+    save at the step or at the epoch's end?) must be the same on every rank, or they part ways
+    at the next collective: every rank reports the largest shard (one all-reduce, at fit start)."""
+    if ctx.world_size == 1 or not sizes:
+        return sizes
+    unknown = 2 ** 62
+    largest = ctx.all_reduce(torch.tensor([unknown if math.isinf(n) else int(n) for n in sizes],
+                                          dtype=torch.int64, device=ctx.device), "max").tolist()
+    return [math.inf if n == unknown else n for n in largest]
 
 
 def _call_datamodule(datamodule, hook: str, *args: Any) -> None:

@@ -14,6 +14,7 @@ from helpers import make_trainer
 from multirank import GlooContext, RankFailed, run_ranks
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
+import raytrainer as rt
 from raytrainer.loop.evaluate import merge_predictions
 from raytrainer.loop.execute import execute
 from raytrainer.loop.loaders import EvalShard
@@ -138,3 +139,23 @@ def test_a_shuffled_evaluation_loader_is_read_in_order_across_ranks_with_a_warni
         shards = [shard_eval_loader(loader, 2, r) for r in range(2)]
     seen = sorted(i for s in shards for b in s.batch_sampler for i in b)
     assert seen == list(range(N))
+
+
+def test_a_rank_without_validation_batches_keeps_step_with_the_others_in_fit(tmp_path):
+    """The notebook's case: a validation set of one batch on 2 ranks. Rank 1 evaluates nothing,
+    yet decides as rank 0 does (ModelCheckpoint saves after the validation, not at the epoch's
+    end): both report the largest shard in num_val_batches, and the fit does not hang."""
+    def rank_fn(rank, world_size):
+        trainer = make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+            rt.callbacks.ModelCheckpoint(monitor="val_acc", mode="max", save_last=True)])
+        model = Classifier()
+        out = execute(trainer, "fit", model, None, {"train": DataLoader(data(40, seed=1), batch_size=8),
+                                                     "val": eval_loader(batch_size=N)}, None,
+                      GlooContext(rank, world_size))
+        return out["metrics"], trainer.num_val_batches, trainer.strategy.model_state_dict()
+    (m0, sizes0, weights), (m1, sizes1, _) = run_ranks(rank_fn)
+    assert sizes0 == sizes1 == [1]
+    model = Classifier()
+    model.load_state_dict(weights)
+    assert_close(m0, one_process(model, "val"))
+    assert m1["val_count"] == N

@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,10 @@ class SignalAt(rt.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             for _ in range(self.times):
-                os.kill(os.getpid(), self.signum)
+                # To the main thread itself: the handler runs before the next signal is sent. A
+                # process-directed kill may land on another thread (the checkpoint writer) and, on a
+                # loaded machine, two of them coalesce into one before Python sees the first.
+                signal.pthread_kill(threading.main_thread().ident, self.signum)
 
 
 def _fit(tmp_path, max_steps, callbacks=(), ckpt_path=None):
