@@ -188,15 +188,17 @@ def _forward_backward(run, batch: Any, batch_idx: int):
         outputs = run.training_step(batch, batch_idx)
     loss = extract_loss(outputs)
     k = run.cfg.accumulate_grad_batches
-    if batch_idx % k == 0:  # the window's first batch (Lightning's place for it, even without a loss)
-        with prof.region(OPTIMIZER):
-            run.zero_grad()
+    window_start = batch_idx % k == 0  # gradients are cleared here (Lightning's place), even without a loss
     if loss is None:
+        if window_start:
+            run.zero_grad()
         return outputs, False
     run.note_loss(loss)  # checked on logging steps
     # Backward runs outside autocast (as torch recommends); the loss is averaged over the
     # window so k accumulated micro-batches equal one batch k times larger.
     with prof.region(BACKWARD):
+        if window_start:
+            run.zero_grad()
         run.backward(loss / k if k > 1 else loss)
     return outputs, True
 

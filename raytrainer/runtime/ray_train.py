@@ -11,9 +11,9 @@ import functools
 import logging
 import os
 import pickle
+import signal
 import threading
 import uuid
-from contextlib import nullcontext
 
 from raytrainer import storage
 from raytrainer.errors import ConfigError
@@ -25,7 +25,8 @@ from raytrainer.runtime.mailbox import Mailbox, pack_error, unpack_error
 from raytrainer.runtime.preflight import log_resolved
 from raytrainer.runtime.ray_context import RayTrainContext
 from raytrainer.runtime.ray_data import data_config, materialize, split_ray_datasets
-from raytrainer.runtime.signals import install_worker_sigterm_handler, stop_on_signals, worker_sigterm
+from raytrainer.runtime.signals import (handlers_restored, install_worker_sigterm_handler, stop_on_signals,
+                                        worker_sigterm)
 from raytrainer.utilities import show_info_logs
 
 ray = import_ray()
@@ -161,8 +162,12 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
         # SIGTERM / Ctrl-C here: the workers stop at an agreed step with a committed checkpoint
         # and return normally (an error would make Ray restart them); Trainer raises Preempted.
         # Ray Train reads its settings from the environment when the run starts: set for it alone.
-        with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else nullcontext(), \
-                environment(settings):
+        # Otherwise Ray Train's own SIGINT handler (a graceful abort of its controller) serves
+        # during the call, and is taken away after it: Ray leaves it installed, and the user's
+        # next Ctrl-C (after a trainer.test(), say) would "abort" a finished run instead of
+        # raising KeyboardInterrupt.
+        with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else \
+                handlers_restored(signal.SIGINT), environment(settings):
             torch_trainer.fit()
     except Exception:
         errors = ray.get(mailbox.get_all.remote())

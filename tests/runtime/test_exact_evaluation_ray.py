@@ -1,5 +1,7 @@
 """Exact evaluation and prediction on 2 Ray Train workers: torch loaders and Ray Datasets, every
 sample once, numbers equal to one process (the loop's side: tests/loop/test_exact_evaluation.py)."""
+import signal
+
 import pytest
 import torch
 from exact_eval_models import N, Classifier, assert_close, data, eval_loader, one_process, ray_rows
@@ -36,3 +38,5 @@ def test_two_workers_validate_test_and_predict_exactly_over_101_samples(ray_clus
         assert set(ranks.tolist()) == {0, 1}  # both workers did part of the work
     assert len(by_loader) == 11 and [len(p["logits"]) for p in by_loader][-1] == 1  # one process's batches
     assert sum(len(p["logits"]) for p in by_dataset) == N
+    # Ray Train's SIGINT handler served during test()/predict() only: Ctrl-C is the user's again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
