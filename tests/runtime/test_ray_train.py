@@ -58,6 +58,11 @@ class Recorder(rt.Module):
         self.log("rank_local", float(self.global_rank), on_step=False, on_epoch=True)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+        self.log("val_count", float(len(idx)), reduce_fx="sum", sync_dist=True)
+
     def prepare_data(self):
         self._note("prepare_data")
 
@@ -92,11 +97,18 @@ def _trainer(tmp_path, **kw):
 
 
 def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_cluster, tmp_path):
-    """Also profiled (one fit pays Ray's fixed cost for both): rank 1 loads its data slowly, and
-    the simple profiler's table names it as the rank that waited longest for data."""
+    """Also profiled (one fit pays Ray's fixed cost for all): rank 1 loads its data slowly, and
+    the simple profiler's table names it as the rank that waited longest for data. And its
+    validation set of 101 samples (no even split on 2 workers) is evaluated exactly: every sample
+    once, the loss what one process computes (tests/runtime/test_exact_evaluation_ray.py: test and
+    predict)."""
     model = Recorder(out_dir=str(tmp_path))
     result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
-        model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True))
+        model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True), DataLoader(Indexed(101), batch_size=10))
+    assert result.metrics["val_count"] == 101
+    with torch.no_grad():  # validation ran after the last step: the weights the caller holds
+        one_process = nn.functional.mse_loss(model.net(Indexed(101).x), Indexed(101).y).item()
+    assert result.metrics["val_loss"] == pytest.approx(one_process, abs=1e-5)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert sorted(r0["seen"] + r1["seen"]) == list(range(64))  # each sample exactly once
     assert not set(r0["seen"]) & set(r1["seen"])
