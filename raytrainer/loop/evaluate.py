@@ -73,6 +73,8 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
         with torch.no_grad(), run.strategy.evaluation(_shard_sizes(loaders, limits)):
             for dl_idx, loader in enumerate(loaders):
                 shard = loader.batch_sampler if isinstance(getattr(loader, "batch_sampler", None), EvalShard) else None
+                if shard is not None:
+                    shard.record_indices = predict is not None
                 extra = (dl_idx,) if len(loaders) > 1 else ()
                 run.metrics.dataloader_idx = dl_idx if len(loaders) > 1 else None
                 if predict is not None:

@@ -223,6 +223,7 @@ class EvalShard:
 
     def __init__(self, inner: Iterable, world_size: int, rank: int):
         self.inner, self.world_size, self.rank = inner, world_size, rank
+        self.record_indices = False     # set for predict: prediction writers get each batch's indices
         self._yielded: deque = deque()  # index batches handed to the loader, not yet consumed
 
     def __len__(self) -> int:
@@ -232,7 +233,8 @@ class EvalShard:
         self._yielded.clear()
         for i, indices in enumerate(self.inner):
             if i % self.world_size == self.rank:
-                self._yielded.append(list(indices))
+                if self.record_indices:
+                    self._yielded.append(list(indices))
                 yield indices
 
     def global_batch_idx(self, local_idx: int) -> int:
