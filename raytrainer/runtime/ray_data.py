@@ -21,7 +21,6 @@ through runtime/ray_internals.py), and the Ray Data resume test pins the behavio
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 from raytrainer.checkpoint.resume import restart_checkpoint, starting_epoch
 from raytrainer.data import RayDataLoader, RayDatasetIterable
