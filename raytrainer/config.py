@@ -40,7 +40,7 @@ class TrainerConfig:
     precision: Any = "32-true"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str = "norm"
+    gradient_clip_algorithm: str | None = None  # None: "norm" (what configure_gradient_clipping gets)
     val_check_interval: float | int | None = 1.0
     check_val_every_n_epoch: int | None = 1
     log_every_n_steps: int = 50
@@ -63,6 +63,20 @@ class TrainerConfig:
     max_failures: int = 0
     resources_per_worker: Mapping[str, float] | None = None
     profiler: Any = None             # None | "simple" | "pytorch" | a raytrainer.profiler.SimpleProfiler
+    # Lightning's, with its defaults
+    default_root_dir: str | None = None  # Lightning's name for storage_path (give one of the two)
+    num_nodes: int = 1               # workers = devices x num_nodes
+    num_sanity_val_steps: int = 2    # validation batches per loader before training; -1: all
+    min_epochs: int | None = None    # should_stop (EarlyStopping) waits until both are reached
+    min_steps: int | None = None
+    enable_model_summary: bool = True
+    benchmark: bool | None = None    # torch.backends.cudnn.benchmark for the run (None: as it is)
+    detect_anomaly: bool = False     # torch.autograd.set_detect_anomaly during training
+    inference_mode: bool = True      # evaluation runs under torch.no_grad either way (see README)
+    sync_batchnorm: bool = False     # BatchNorm -> SyncBatchNorm with several GPU workers
+    overfit_batches: int | float = 0.0  # the same N (or fraction of) train batches every epoch, unshuffled
+    barebones: bool = False          # no loggers, checkpoints, progress bar, summary, sanity check
+    enable_autolog_hparams: bool = True  # the module's hparams to the loggers at fit start
     given: Mapping[str, Any] = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -172,7 +186,9 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         if isinstance(clip_val, bool) or not isinstance(clip_val, numbers.Real) or clip_val < 0:
             raise _fail("gradient_clip_val", clip_val, "expected None or a number >= 0")
         clip_val = float(clip_val) or None  # 0 means off, as in Lightning
-    clip_alg = _choice("gradient_clip_algorithm", kw["gradient_clip_algorithm"], CLIP_ALGORITHMS)
+    clip_alg = kw["gradient_clip_algorithm"]
+    if clip_alg is not None:
+        clip_alg = _choice("gradient_clip_algorithm", clip_alg, CLIP_ALGORITHMS)
 
     vci = kw["val_check_interval"]
     if vci is None:
@@ -193,7 +209,8 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         fdr = _int("fast_dev_run", fdr, 0, "expected a bool or an int >= 0 (batches per stage)")
 
     for arg in ("enable_progress_bar", "enable_checkpointing", "async_checkpoint", "deterministic",
-                "use_distributed_sampler"):
+                "use_distributed_sampler", "enable_model_summary", "detect_anomaly", "inference_mode",
+                "sync_batchnorm", "barebones", "enable_autolog_hparams"):
         if not isinstance(kw[arg], bool):
             raise _fail(arg, kw[arg], "expected True or False")
     checkpoint_retry = _retry_policy(kw["checkpoint_retry"])
@@ -201,7 +218,11 @@ def _resolve(**kw: Any) -> dict[str, Any]:
     if seed is not None:
         seed = _int("seed", seed, 0, "expected None or an int >= 0")
 
-    storage_path = kw["storage_path"] or DEFAULT_STORAGE_PATH
+    root = kw["default_root_dir"]
+    if root is not None and kw["storage_path"] is not None and str(root) != str(kw["storage_path"]):
+        raise ConfigError(f"Trainer(default_root_dir={root!r}, storage_path={kw['storage_path']!r}): "
+                          "default_root_dir is Lightning's name for storage_path; give one of them")
+    storage_path = kw["storage_path"] or root or DEFAULT_STORAGE_PATH
     if not isinstance(storage_path, str):
         storage_path = str(storage_path) if hasattr(storage_path, "__fspath__") else storage_path
     if not isinstance(storage_path, str) or not storage_path.strip():
@@ -216,6 +237,7 @@ def _resolve(**kw: Any) -> dict[str, Any]:
     if not isinstance(name, str) or not name or "/" in name or name.strip() != name or name in (".", ".."):
         raise _fail("name", name, "expected a non-empty run name without '/' or surrounding spaces")
 
+    lightning = _lightning_args(kw)
     launcher = _choice("launcher", kw["launcher"], LAUNCHERS)
     max_failures = _int("max_failures", kw["max_failures"], -1, "expected -1 (unlimited) or an int >= 0")
     rpw = kw["resources_per_worker"]
@@ -227,6 +249,9 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         rpw = dict(rpw)
 
     if launcher == "local":
+        if lightning["num_nodes"] != 1:
+            raise ConfigError(f"Trainer(launcher='local', num_nodes={lightning['num_nodes']}): several nodes "
+                              "need launcher='ray'")
         if devices not in (1, "auto"):
             raise ConfigError(f"Trainer(launcher='local', devices={devices!r}): the local launcher runs "
                               "one process on one device; use launcher='ray' for several workers")
@@ -251,10 +276,56 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         storage_path=storage.normalize(storage_path),
         storage_options=dict(storage_options), name=name, launcher=launcher,
         max_failures=max_failures, resources_per_worker=rpw, profiler=check_profiler_spec(kw["profiler"]),
+        default_root_dir=storage.normalize(storage_path), **lightning,
     )
+    if lightning["barebones"]:
+        _barebones(kw, resolved)
+    if lightning["overfit_batches"]:
+        # Lightning: the first N train batches every epoch (the train loader is not shuffled) and
+        # N validation batches.
+        resolved.update(limit_train_batches=lightning["overfit_batches"], limit_val_batches=lightning["overfit_batches"])
     if fdr:
         # Lightning's fast_dev_run: n batches of each stage, one epoch, nothing written.
         resolved.update(max_epochs=1, max_steps=fdr, limit_train_batches=fdr, limit_val_batches=fdr,
                         limit_test_batches=fdr, limit_predict_batches=fdr, val_check_interval=1.0,
-                        check_val_every_n_epoch=1, enable_checkpointing=False)
+                        check_val_every_n_epoch=1, enable_checkpointing=False, num_sanity_val_steps=0)
     return resolved
+
+
+def _lightning_args(kw: dict) -> dict[str, Any]:
+    num_nodes = _int("num_nodes", kw["num_nodes"], 1)
+    sanity = _int("num_sanity_val_steps", kw["num_sanity_val_steps"], -1, "expected -1 (all batches) or an int >= 0")
+    min_epochs, min_steps = kw["min_epochs"], kw["min_steps"]
+    if min_epochs is not None:
+        min_epochs = _int("min_epochs", min_epochs, 0, "expected None or an int >= 0")
+    if min_steps is not None:
+        min_steps = _int("min_steps", min_steps, 0, "expected None or an int >= 0")
+    benchmark = kw["benchmark"]
+    if benchmark is not None and not isinstance(benchmark, bool):
+        raise _fail("benchmark", benchmark, "expected None, True or False")
+    if benchmark and kw["deterministic"]:
+        raise ConfigError("Trainer(benchmark=True, deterministic=True): cudnn's benchmark mode picks "
+                          "algorithms by timing, which is not deterministic; choose one")
+    overfit = kw["overfit_batches"]
+    if isinstance(overfit, bool) or not isinstance(overfit, numbers.Real) or overfit < 0 or \
+            (isinstance(overfit, float) and overfit > 1.0):
+        raise _fail("overfit_batches", overfit, "expected an int >= 0 (batches) or a float in [0.0, 1.0]")
+    return dict(num_nodes=num_nodes, num_sanity_val_steps=sanity, min_epochs=min_epochs, min_steps=min_steps,
+                enable_model_summary=kw["enable_model_summary"], benchmark=benchmark,
+                detect_anomaly=kw["detect_anomaly"], inference_mode=kw["inference_mode"],
+                sync_batchnorm=kw["sync_batchnorm"], overfit_batches=overfit, barebones=kw["barebones"],
+                enable_autolog_hparams=kw["enable_autolog_hparams"])
+
+
+def _barebones(kw: dict, resolved: dict) -> None:
+    """Lightning's barebones: everything besides the loop that costs time is off (checkpoints,
+    progress bar, model summary, sanity check, loggers); asking for one of the optional ones as
+    well is a contradiction, refused as Lightning does."""
+    conflicts = [arg for arg, off in (("detect_anomaly", False), ("profiler", None)) if kw[arg] != off]
+    if kw["num_sanity_val_steps"] not in (0, 2):
+        conflicts.append("num_sanity_val_steps")
+    if conflicts:
+        raise ConfigError(f"Trainer(barebones=True) turns off checkpoints, progress bar, model summary, "
+                          f"sanity check, loggers, anomaly detection and profiling: drop {', '.join(conflicts)}")
+    resolved.update(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0)

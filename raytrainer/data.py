@@ -9,7 +9,7 @@ from typing import Any
 
 from raytrainer.module import collect_init_args
 from raytrainer.runtime.ray_internals import copy_dataset
-from raytrainer.utilities import AttributeDict
+from raytrainer.utilities import AttributeDict, move_to_device
 
 
 class DataModule:
@@ -43,6 +43,16 @@ class DataModule:
     def prepare_data(self) -> None: ...
     def setup(self, stage: str) -> None: ...
     def teardown(self, stage: str) -> None: ...
+
+    # Used instead of the module's when overridden here (Lightning's rule).
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
 
     def state_dict(self) -> dict:
         return {}

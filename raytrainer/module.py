@@ -7,13 +7,14 @@ and the other counters are read from the Trainer, as in Lightning.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from raytrainer.utilities import AttributeDict
+from raytrainer.utilities import AttributeDict, move_to_device
 
 
 class Module(nn.Module):
@@ -173,6 +174,40 @@ class Module(nn.Module):
             return None
         return scheds[0] if len(scheds) == 1 else scheds
 
+    def toggle_optimizer(self, optimizer) -> None:
+        """Only ``optimizer``'s parameters require grad (the others' flags are kept and restored
+        by ``untoggle_optimizer``): a GAN's generator step leaves the discriminator's alone."""
+        saved: dict = {}
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param not in saved:
+                        saved[param] = param.requires_grad
+                        param.requires_grad = False
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.requires_grad = saved[param]
+        object.__setattr__(self, "_rt_requires_grad", saved)
+
+    def untoggle_optimizer(self, optimizer) -> None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # the handle or the optimizer
+        saved = getattr(self, "_rt_requires_grad", {})
+        for opt in self.trainer.optimizers:
+            if opt is not optimizer:
+                for group in opt.param_groups:
+                    for param in group["params"]:
+                        if param in saved:
+                            param.requires_grad = saved[param]
+        object.__setattr__(self, "_rt_requires_grad", {})
+
+    @contextlib.contextmanager
+    def toggled_optimizer(self, optimizer):
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
+
     def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         self._current_run("self.manual_backward()").backward(loss, *args, **kwargs)
 
@@ -230,6 +265,72 @@ class Module(nn.Module):
     def on_before_zero_grad(self, optimizer) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict) -> None: ...
+    def configure_model(self) -> None:
+        """Once per process before the optimizers are configured (after ``setup``): a place to
+        build layers, e.g. large ones, on the process that trains them."""
+
+    # ---------------------------------------- hooks with Lightning's default behaviour
+    # The loop always calls these; overriding one changes that part of the step, as in Lightning.
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Automatic optimization's step. ``optimizer_closure`` runs training_step, zero_grad
+        and backward; it must be called (``optimizer.step(closure=...)`` does), e.g. after an LR
+        warm-up has adjusted ``optimizer.param_groups``."""
+        optimizer.step(closure=optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        optimizer.zero_grad()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Called after the closure, before every automatic optimizer step, with the Trainer's
+        ``gradient_clip_val``/``gradient_clip_algorithm`` (None when not set)."""
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def lr_scheduler_step(self, scheduler, metric: Any) -> None:
+        scheduler.step() if metric is None else scheduler.step(metric)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """The backward pass of automatic and manual optimization (``loss`` already scaled by
+        the GradScaler under precision='16-mixed')."""
+        loss.backward(*args, **kwargs)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Before a validation inside fit (not inside an accumulation window): free the grads."""
+        self.zero_grad()
+
+    def on_validation_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_validation_model_train(self) -> None:
+        """Only called when overridden: otherwise each submodule's mode from before the
+        validation is restored (Lightning's behaviour)."""
+        self.trainer.model.train()
+
+    def on_test_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+    def on_test_model_train(self) -> None:
+        self.trainer.model.train()
+
+    def on_predict_model_eval(self) -> None:
+        self.trainer.model.eval()
+
+
+def takes_batch_idx(step: Any) -> bool:
+    """Whether a ``*_step`` wants ``batch_idx`` (Lightning's rule: a parameter so named, a
+    second positional parameter, or ``*args``); ``training_step(self, batch)`` does not."""
+    spec = inspect.getfullargspec(step)
+    args = spec.args[1:] if inspect.ismethod(step) or (spec.args and spec.args[0] == "self") else spec.args
+    return "batch_idx" in args or spec.varargs is not None or len(args) >= 2
 
 
 def is_overridden(name: str, obj: Any, base: type) -> bool:

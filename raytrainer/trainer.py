@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
 from raytrainer.checkpoint.store import list_committed
 from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
@@ -42,7 +42,7 @@ class Trainer:
                  strategy: str | FSDPStrategy = _D.strategy, precision: str | int = _D.precision,
                  accumulate_grad_batches: int = _D.accumulate_grad_batches,
                  gradient_clip_val: float | None = _D.gradient_clip_val,
-                 gradient_clip_algorithm: str = _D.gradient_clip_algorithm,
+                 gradient_clip_algorithm: str | None = _D.gradient_clip_algorithm,
                  val_check_interval: float | int | None = _D.val_check_interval,
                  check_val_every_n_epoch: int | None = _D.check_val_every_n_epoch,
                  log_every_n_steps: int = _D.log_every_n_steps,
@@ -59,11 +59,19 @@ class Trainer:
                  use_distributed_sampler: bool = _D.use_distributed_sampler,
                  storage_path: str | None = _D.storage_path, storage_options: dict | None = _D.storage_options,
                  name: str | None = _D.name, launcher: str = _D.launcher, max_failures: int = _D.max_failures,
-                 resources_per_worker: dict | None = _D.resources_per_worker, profiler: Any = _D.profiler):
+                 resources_per_worker: dict | None = _D.resources_per_worker, profiler: Any = _D.profiler,
+                 default_root_dir: str | None = _D.default_root_dir, num_nodes: int = _D.num_nodes,
+                 num_sanity_val_steps: int = _D.num_sanity_val_steps, min_epochs: int | None = _D.min_epochs,
+                 min_steps: int | None = _D.min_steps, enable_model_summary: bool = _D.enable_model_summary,
+                 benchmark: bool | None = _D.benchmark, detect_anomaly: bool = _D.detect_anomaly,
+                 inference_mode: bool = _D.inference_mode, sync_batchnorm: bool = _D.sync_batchnorm,
+                 overfit_batches: int | float = _D.overfit_batches, barebones: bool = _D.barebones,
+                 enable_autolog_hparams: bool = _D.enable_autolog_hparams, **not_supported: Any):
         """Lightning's Trainer arguments (same names and meanings), plus where a run goes
         (``storage_path``, ``storage_options``, ``name``), how it runs (``launcher``: "ray" or
         "local"; ``max_failures``, ``resources_per_worker``) and how checkpoints commit
         (``async_checkpoint``, ``checkpoint_retry``). Every argument is checked here."""
+        _refuse(not_supported)
         self.cfg = TrainerConfig(
             max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=devices,
             strategy=strategy, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
@@ -77,12 +85,18 @@ class Trainer:
             deterministic=deterministic, use_distributed_sampler=use_distributed_sampler,
             storage_path=storage_path, storage_options=storage_options,
             name=name, launcher=launcher, max_failures=max_failures,
-            resources_per_worker=resources_per_worker, profiler=profiler)
+            resources_per_worker=resources_per_worker, profiler=profiler, default_root_dir=default_root_dir,
+            num_nodes=num_nodes, num_sanity_val_steps=num_sanity_val_steps, min_epochs=min_epochs,
+            min_steps=min_steps, enable_model_summary=enable_model_summary, benchmark=benchmark,
+            detect_anomaly=detect_anomaly, inference_mode=inference_mode, sync_batchnorm=sync_batchnorm,
+            overfit_batches=overfit_batches, barebones=barebones, enable_autolog_hparams=enable_autolog_hparams)
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
         self._init_kwargs = {**self.cfg.given, "callbacks": callbacks, "logger": logger}
         self.callbacks = self._build_callbacks(callbacks)
         # Lightning's fast_dev_run writes nothing: no loggers either.
-        self._loggers = [] if self.cfg.fast_dev_run else _build_loggers(logger)
+        if barebones and logger not in (True, False, None):
+            raise ConfigError("Trainer(barebones=True) runs without loggers: drop logger=")
+        self._loggers = [] if self.cfg.fast_dev_run or barebones else _build_loggers(logger)
         self._run = None             # the run in progress, or the last one (loop/run.py)
         self._last_out: dict = {}    # what a run in Ray workers sent back
         self._should_stop = False
@@ -107,6 +121,12 @@ class Trainer:
             callbacks.append(ProgressBar())
         if not self.cfg.enable_progress_bar:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        has_summary = any(isinstance(c, ModelSummary) for c in callbacks)
+        if self.cfg.enable_model_summary and not has_summary:
+            callbacks.append(ModelSummary())
+        if not self.cfg.enable_model_summary and has_summary:
+            raise ConfigError("Trainer(enable_model_summary=False) conflicts with the ModelSummary in callbacks; "
+                              "remove one")
         return callbacks
 
     # ------------------------------------------------------------------ stages
@@ -274,7 +294,23 @@ class Trainer:
     precision = property(lambda self: self.cfg.precision)
     val_check_interval = property(lambda self: self.cfg.val_check_interval)
     check_val_every_n_epoch = property(lambda self: self.cfg.check_val_every_n_epoch)
-    sanity_checking = property(lambda self: False)
+    # raytrainer's own: the step the loggers' rows carry now (Lightning's internal
+    # _batches_that_stepped), and whether this training batch is a logging step
+    logger_step = property(lambda self: self._run.progress.batches_stepped if self._run else 0)
+    logs_this_step = property(lambda self: self._run is not None and self._run.logs_this_step())
+    sanity_checking = property(lambda self: self._run.sanity_checking if self._run else False)
+    is_last_batch = property(lambda self: self._run.is_last_batch if self._run else False)
+    num_sanity_val_batches = property(lambda self: list(self._run.num_sanity_val_batches) if self._run else [])
+    num_nodes = property(lambda self: self.cfg.num_nodes)
+    num_devices = property(lambda self: self._run.ctx.world_size // self.cfg.num_nodes if self._run
+                           else self.cfg.devices if isinstance(self.cfg.devices, int) else 1)
+    # not set: 1 with min_steps (should_stop is re-checked after an epoch), else 0 (Lightning's)
+    min_epochs = property(lambda self: self.cfg.min_epochs if self.cfg.min_epochs is not None
+                          else int(self.cfg.min_steps is not None))
+    min_steps = property(lambda self: self.cfg.min_steps)
+    default_root_dir = property(lambda self: self.cfg.storage_path)
+    gradient_clip_val = property(lambda self: self.cfg.gradient_clip_val)
+    gradient_clip_algorithm = property(lambda self: self.cfg.gradient_clip_algorithm)
     training = property(lambda self: self.state.stage == "train")
     validating = property(lambda self: self.state.stage == "validate")
     testing = property(lambda self: self.state.stage == "test")
@@ -359,6 +395,11 @@ class Trainer:
         return self.cfg.run_dir
 
     @property
+    def model(self):
+        """The module as the strategy wrapped it (DDP, FSDP) during a run; None outside one."""
+        return self._run.strategy.model if self._run is not None else None
+
+    @property
     def lightning_module(self):
         return self._run.module if self._run is not None else None
 
@@ -380,11 +421,28 @@ class Trainer:
 
 # LightningModule hooks a module may override that the loop does not call (yet): an override is an
 # error before anything starts, never silently skipped.
-LIGHTNING_HOOKS_NOT_CALLED = (
-    "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping", "lr_scheduler_step",
-    "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer", "configure_model",
-    "configure_sharded_model", "on_validation_model_eval", "on_validation_model_train",
-    "on_validation_model_zero_grad", "on_test_model_eval", "on_test_model_train", "on_predict_model_eval")
+# Lightning hooks raytrainer does not call: a module defining one is refused (never skipped).
+LIGHTNING_HOOKS_NOT_CALLED = ("configure_sharded_model",)
+
+
+# Lightning Trainer arguments raytrainer does not implement: refused by name, with the way to go.
+_NOT_SUPPORTED = {
+    "max_time": "stop on a time budget from a callback (trainer.should_stop = True), or bound max_steps",
+    "plugins": "precision= selects the precision; storage_path/storage_options the checkpoint storage; "
+               "Ray sets up the cluster",
+    "reload_dataloaders_every_n_epochs": "exact resume follows one loader per fit; vary the data per epoch in "
+                                         "the dataset or sampler (set_epoch is called every epoch)",
+    "model_registry": "upload the checkpoint from storage_path after fit",
+}
+
+
+def _refuse(kwargs: dict) -> None:
+    for name in kwargs:
+        if name in _NOT_SUPPORTED:
+            raise ConfigError(f"Trainer({name}=...) is a Lightning argument raytrainer does not support: "
+                              f"{_NOT_SUPPORTED[name]}")
+    if kwargs:
+        raise TypeError(f"Trainer() got unexpected keyword arguments {sorted(kwargs)}")
 
 
 def _check_module(model, stage: str) -> None:
@@ -395,8 +453,8 @@ def _check_module(model, stage: str) -> None:
     overridden = [hook for hook in LIGHTNING_HOOKS_NOT_CALLED if callable(getattr(type(model), hook, None))]
     if overridden:
         raise TypeError(f"{type(model).__name__} overrides {', '.join(overridden)}: Lightning hooks raytrainer does "
-                        "not call yet. Remove them or move what they do into hooks it calls (training_step, "
-                        "configure_optimizers, the on_* hooks): never silently skipped")
+                        "not call (configure_sharded_model is Lightning's deprecated name: rename it "
+                        "configure_model). Never silently skipped")
     if stage == "fit" and type(model).training_step is Module.training_step:
         raise TypeError(f"{type(model).__name__} does not define training_step(self, batch, batch_idx)")
     if stage == "fit" and model.automatic_optimization and \

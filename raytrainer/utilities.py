@@ -169,7 +169,8 @@ class _NoticeFormatter(logging.Formatter):
     (a retry, a stop); a level name would read as Ray's own alarms, which are noise to users."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"[raytrainer] {record.getMessage()}"
+        # every line of a multi-line notice (the model summary's table) carries the prefix
+        text = "\n".join(f"[raytrainer] {line}" for line in record.getMessage().split("\n"))
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -58,8 +58,11 @@ def tensors(dl: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- trainer
 
 def make_trainer(tmp_path, **kwargs) -> rt.Trainer:
-    """An in-process Trainer writing under ``tmp_path``; no loggers or checkpoints unless asked."""
+    """An in-process Trainer writing under ``tmp_path``; no loggers, checkpoints, sanity check or
+    model summary unless asked (tests/loop/test_lightning_trainer_args.py covers those)."""
     kwargs.setdefault("max_epochs", 1)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    kwargs.setdefault("enable_model_summary", False)
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("name", "run")
@@ -142,10 +145,13 @@ class SpySGD(torch.optim.SGD):
         self.grads: list[list[torch.Tensor]] = []
 
     def step(self, closure=None):
+        # The closure (training_step, backward, clipping) runs inside step, as in Lightning
+        loss = None if closure is None else torch.enable_grad()(closure)()
         self.steps += 1
         self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]
                            if p.grad is not None])
-        return super().step(closure)
+        super().step()
+        return loss
 
 
 class GradsBeforeStep(rt.Callback):

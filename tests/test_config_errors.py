@@ -230,10 +230,15 @@ def test_bad_training_step_return(tmp_path, returned, exc, match):
 
 
 def test_training_step_returning_none_skips_the_batch(tmp_path):
-    """Not an error (Lightning's convention): no backward, no optimizer step for that window."""
+    """Not an error (Lightning's convention): no backward for that batch; the optimizer is still
+    stepped (nothing moves without gradients) and counted, as in Lightning."""
     model = _stepping(lambda m, b: None if m.train_calls % 2 == 0 else m.loss(b))
     result = make_trainer(tmp_path).fit(model, loader(n=16, batch_size=4))
-    assert (model.train_calls, result.global_step) == (4, 2)
+    assert (model.train_calls, result.global_step) == (4, 4)
+    never = _stepping(lambda m, b: None)
+    before = [p.detach().clone() for p in never.parameters()]
+    make_trainer(tmp_path, name="none").fit(never, loader(n=8, batch_size=4))
+    assert all(torch.equal(a, b) for a, b in zip(before, never.parameters()))
 
 
 @pytest.mark.parametrize("value,match", [

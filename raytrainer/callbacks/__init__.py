@@ -2,9 +2,10 @@ from raytrainer.callbacks.base import Callback
 from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.lr_monitor import LearningRateMonitor
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
+from raytrainer.callbacks.model_summary import ModelSummary
 from raytrainer.callbacks.prediction_writer import BasePredictionWriter, TorchPredictionWriter
 from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.callbacks.throughput import ThroughputMonitor
 
 __all__ = ["BasePredictionWriter", "Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint",
-           "ProgressBar", "ThroughputMonitor", "TorchPredictionWriter"]
+           "ModelSummary", "ProgressBar", "ThroughputMonitor", "TorchPredictionWriter"]

@@ -10,19 +10,28 @@ global rank 0. tests/callbacks/test_callbacks.py checks the whole order against 
 ``fit`` runs these events, top to bottom::
 
     setup(stage="fit")                          datamodule.setup, callbacks, module.setup
-    configure_optimizers; restore checkpoint    on_load_checkpoint(checkpoint) when resuming
+    configure_model
+    configure_optimizers; restore checkpoint    module.on_load_checkpoint before the weights load,
+                                                callbacks' after (when resuming)
     on_fit_start
+    on_sanity_check_start, [validation], on_sanity_check_end
+                                                num_sanity_val_steps batches per loader, logged
+                                                nowhere; not when resuming
     on_train_start
     for epoch in epochs:
         on_train_epoch_start
         for batch in the epoch's batches (resumed batches skipped by index, never replayed):
+            on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer
             on_train_batch_start(batch, batch_idx)        returning -1 ends the epoch
-            training_step
-            on_before_zero_grad(optimizer); zero_grad      first batch of an accumulation window
-            on_before_backward(loss) -> backward -> on_after_backward
-            if the accumulation window is complete (every k batches, and at the epoch's end):
+            at the accumulation window's last batch (every k batches, and the epoch's last):
+              module.optimizer_step(epoch, batch_idx, optimizer, closure) -> optimizer.step(closure):
+            the closure (called directly inside a window):
+                training_step
+                on_before_zero_grad(optimizer); optimizer_zero_grad   window's first batch
+                on_before_backward(loss) -> module.backward(loss) -> on_after_backward
+            after the closure, at the window's last batch:
                 on_before_optimizer_step(optimizer)        gradients are unscaled here
-                clip gradients; optimizer step; step-interval schedulers
+                configure_gradient_clipping; the update; lr_scheduler_step (step interval)
             on_train_batch_end(outputs, batch, batch_idx)
             loggers.log_metrics                            every log_every_n_steps steps
             [validation]                                   at val_check_interval; the epoch's
@@ -79,6 +88,8 @@ class Callback:
     def setup(self, trainer, pl_module, stage: str) -> None: ...
     def teardown(self, trainer, pl_module, stage: str) -> None: ...
     def on_fit_start(self, trainer, pl_module) -> None: ...
+    def on_sanity_check_start(self, trainer, pl_module) -> None: ...
+    def on_sanity_check_end(self, trainer, pl_module) -> None: ...
     def on_fit_end(self, trainer, pl_module) -> None: ...
     def on_train_start(self, trainer, pl_module) -> None: ...
     def on_train_end(self, trainer, pl_module) -> None: ...

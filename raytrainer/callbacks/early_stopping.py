@@ -81,7 +81,7 @@ class EarlyStopping(Callback):
         return sum(trainer.num_val_batches) == 0  # no validation: check at the epoch's end
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and not self._check_on_epoch_end(trainer):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not self._check_on_epoch_end(trainer):
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

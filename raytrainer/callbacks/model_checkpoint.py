@@ -125,7 +125,7 @@ class ModelCheckpoint(Callback):
         return epoch_ok and self._validated and not self._saves_on_epoch_end(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit":
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._validated = True
 
     def on_checkpoint_boundary(self, trainer, pl_module) -> None:

@@ -106,4 +106,6 @@ def build_objects(value: Any, path: tuple, origins: Origins, base: type | tuple)
 
 
 def trainer_arguments() -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(rt.Trainer.__init__).parameters.items() if n != "self"}
+    """The Trainer's arguments (not its ``**not_supported``: Lightning's refused ones)."""
+    return {n: p for n, p in inspect.signature(rt.Trainer.__init__).parameters.items()
+            if n != "self" and p.kind is not p.VAR_KEYWORD}

@@ -10,16 +10,19 @@ a collective (FSDP) gathers its parameters once for the pass instead (``Strategy
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from raytrainer.loop.loaders import EvalShard
-from raytrainer.utilities import infer_batch_size, move_to_device
+from raytrainer.module import Module, is_overridden, takes_batch_idx
+from raytrainer.utilities import capture_rng_state, infer_batch_size, move_to_device, restore_rng_state
 
 _STEP = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 _HOOK = {"validate": "validation", "test": "test", "predict": "predict"}
+_MODEL_HOOK = {"validate": "on_validation_model", "test": "on_test_model", "predict": "on_predict_model"}
 _LIMIT = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}
 
 
@@ -55,18 +58,40 @@ def merge_predictions(shards: list[dict]) -> list:
     return merged[0] if len(merged) == 1 else merged
 
 
-def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
+def run_sanity_check(run, loaders: list) -> None:
+    """Lightning's sanity check: ``num_sanity_val_steps`` validation batches per loader before
+    training, so a bug in validation_step fails in seconds, not after an epoch. Nothing of it is
+    logged or kept, and it draws from no RNG the training uses."""
+    steps = run.cfg.num_sanity_val_steps
+    if steps == 0 or run.cfg.limit_val_batches == 0:
+        return
+    rng = capture_rng_state()
+    run.sanity_checking = True
+    run.hooks.call_callbacks("on_sanity_check_start")
+    try:
+        run_evaluation(run, loaders, "validate", max_batches=math.inf if steps == -1 else steps)
+        run.hooks.call_callbacks("on_sanity_check_end")
+    finally:
+        run.sanity_checking = False
+    run.metrics.clear_results()
+    restore_rng_state(rng)
+
+
+def run_evaluation(run, loaders: list, stage: str, max_batches: float = math.inf) -> dict[str, float]:
     """One pass over ``loaders`` with ``{stage}_step``; returns the epoch metrics. Predictions
-    are kept in ``run.predict_loop``."""
+    are kept in ``run.predict_loop``. ``max_batches``: per loader, below the stage's limit (the
+    sanity check's)."""
     module, hook = run.module, _HOOK[stage]
     step_fn = run.strategy.step_fn(_STEP[stage])
-    limits = [_limit(getattr(run.cfg, _LIMIT[stage]), loader) for loader in loaders]
+    pass_batch_idx = takes_batch_idx(getattr(module, _STEP[stage]))
+    limits = [min(max_batches, _limit(getattr(run.cfg, _LIMIT[stage]), loader)) for loader in loaders]
+    to_loggers = not run.sanity_checking  # the sanity check logs nothing
     predict = run.predict_loop if stage == "predict" else None
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}  # each submodule's, restored after
     previous_stage = run.metrics.stage
     run.metrics.stage = stage
     run.metrics.start_epoch(stage)
-    module.eval()
+    getattr(module, f"{_MODEL_HOOK[stage]}_eval")()  # Lightning's default: trainer.model.eval()
     try:
         run.hooks.call(f"on_{hook}_start")
         run.hooks.call(f"on_{hook}_epoch_start")
@@ -83,31 +108,45 @@ def run_evaluation(run, loaders: list, stage: str) -> dict[str, float]:
                 for batch_idx, batch in enumerate(loader):
                     if batch_idx >= limits[dl_idx]:
                         break
-                    batch = move_to_device(batch, run.device)
+                    batch = run.batch_to_device(batch, dl_idx)
                     run.metrics.batch_size = infer_batch_size(batch)
                     if predict is not None:
                         predict.current_batch_indices = shard.next_batch_indices() if shard else None
                     run.hooks.call(f"on_{hook}_batch_start", batch, batch_idx, dl_idx)
                     with run.precision.autocast():
-                        out = step_fn(batch, batch_idx, *extra)
+                        out = step_fn(batch, batch_idx, *extra) if pass_batch_idx else step_fn(batch, *extra)
                     if predict is not None:
                         _record_prediction(predict, run.ctx, shard, dl_idx, batch_idx, out)
                     run.hooks.call(f"on_{hook}_batch_end", out, batch, batch_idx, dl_idx)
                     step_values = run.metrics.eval_step_metrics()
-                    if step_values:
-                        run.log_to_loggers(step_values, batch_idx)  # Lightning's step for them
+                    # Lightning's step for them: this loader's batches evaluated so far in the run
+                    if to_loggers:
+                        seen = run.eval_batches_seen.get(dl_idx, 0)
+                        if step_values:
+                            run.log_to_loggers(step_values, seen)
+                        run.eval_batches_seen[dl_idx] = seen + 1
                 run.metrics.dataloader_idx = None
         values = end_epoch_in_order(run, f"on_{hook}_epoch_end", stage)
         values = run.metrics.logger_filter(values, stage)
-        if values:
+        if values and to_loggers:
             logged = {**values, "epoch": float(run.progress.current_epoch)}  # as every logged row (Lightning)
-            run.log_to_loggers(logged, run.progress.global_step)
+            run.log_to_loggers(logged, run.progress.batches_stepped)
         run.hooks.call(f"on_{hook}_end")
     finally:
         run.metrics.dataloader_idx = None
         run.metrics.stage = previous_stage
-        module.train(was_training)
+        _restore_modes(module, modes, f"{_MODEL_HOOK[stage]}_train")
     return values
+
+
+def _restore_modes(module, modes: dict, train_hook: str) -> None:
+    """After a pass: the module's ``on_*_model_train`` where it overrides it, else every
+    submodule's mode as it was (a frozen BatchNorm stays in eval mode), as in Lightning."""
+    if is_overridden(train_hook, module, Module):
+        getattr(module, train_hook)()
+        return
+    for m, training in modes.items():
+        m.training = training
 
 
 def end_epoch_in_order(run, hook: str, stage: str) -> dict[str, float]:

@@ -2,7 +2,7 @@
 every Ray Train worker and in a Tune trial. It sets the run up (data, strategy, optimizers, the
 checkpoint to start from), runs the loop, tears down, and returns plain values.
 
-    prepare_data (once per node) -> setup(stage) -> loaders -> strategy -> configure_optimizers
+    prepare_data (once per node) -> setup(stage) -> configure_model -> loaders -> strategy -> configure_optimizers
     -> loggers -> restore the starting checkpoint -> fit loop | one evaluation pass -> teardown
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def execute(trainer, stage: str, module, datamodule, loaders: dict[str, Any], re
     cfg = trainer.cfg
     if cfg.seed is not None:
         seed_everything(cfg.seed)
-    restore_determinism = apply_determinism(cfg.deterministic)
+    restore_determinism = apply_determinism(cfg.deterministic, cfg.benchmark)
     profiler = build_profiler(cfg.profiler if stage == "fit" else None)
     run = Run(trainer, module, ctx, stage, datamodule, profiler)
     trainer._attach(run)
@@ -74,6 +74,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     for cb in run.callbacks:
         cb.setup(trainer, module, stage)
     module.setup(stage)
+    with torch.device(run.device):  # layers built here are created on the device (Lightning)
+        module.configure_model()
 
     kind = _LOADER_KIND[stage]
     main = resolve_loaders(kind, loaders.get(kind), datamodule, module)
@@ -93,6 +95,11 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         raise TypeError(f"{type(module).__name__} has no {_EVAL_STEP[stage]}(batch, batch_idx); "
                         f"define it to run trainer.{stage}()")
 
+    if stage == "fit":  # sized before configure_optimizers: estimated_stepping_batches is right there
+        train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0,
+                          use_distributed_sampler=cfg.use_distributed_sampler, overfit=bool(cfg.overfit_batches))
+        run.set_data_sizes(limited_length(train, cfg.limit_train_batches), _largest_on_any_rank(
+            ctx, [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders]))
     run.setup_strategy()
     if stage == "fit":
         run.configure_optimizers()
@@ -105,14 +112,11 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         run.restore(load(start_from, cfg.storage_options, strategy=run.strategy), weights_only=stage != "fit",
                     own_run=start_from.startswith(checkpoints_root(cfg) + "/"))
     if stage == "fit":
-        for lg in run.loggers:
+        for lg in run.loggers if cfg.enable_autolog_hparams else ():
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
-        train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0,
-                          use_distributed_sampler=cfg.use_distributed_sampler)
-        run.set_data_sizes(limited_length(train, cfg.limit_train_batches), _largest_on_any_rank(
-            ctx, [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders]))
         run.profiler.start(ctx, run.device, cfg)
-        fit_loop(run, train, val_loaders)
+        with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
+            fit_loop(run, train, val_loaders)
         preempted = None
         if run.preempted:
             preempted = {"reason": run.preempted, "global_step": run.progress.global_step,

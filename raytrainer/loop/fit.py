@@ -8,27 +8,29 @@ return at once.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
 
-import torch
-
-from raytrainer.loop.evaluate import end_epoch_in_order, run_evaluation
+from raytrainer.loop.closure import TrainingClosure
+from raytrainer.loop.evaluate import end_epoch_in_order, run_evaluation, run_sanity_check
 from raytrainer.loop.loaders import TrainData
 from raytrainer.loop.preemption import handle_stop_request
-from raytrainer.profiler import (BACKWARD, DATA_NEXT, DATA_START, FORWARD, LOGGING, OPTIMIZER, SCHEDULERS,
-                                 VALIDATION)
-from raytrainer.utilities import infer_batch_size, move_to_device
+from raytrainer.profiler import DATA_NEXT, DATA_START, FORWARD, LOGGING, SCHEDULERS, VALIDATION
+from raytrainer.utilities import infer_batch_size
+
+log = logging.getLogger(__name__)
 
 
 def fit_loop(run, train: TrainData, val_loaders: list) -> None:
     run.hooks.call("on_fit_start")
+    if val_loaders and not run.resumed:
+        run_sanity_check(run, val_loaders)  # not when resuming: the run already passed it
     run.hooks.call("on_train_start")
     progress = run.progress
     while not _fit_done(run):
         finished_epoch = train_epoch(run, train, val_loaders)
         if not finished_epoch:
-            break  # stopped mid-epoch (max_steps or should_stop): the epoch stays unfinished
+            break  # stopped mid-epoch (max_steps, a preemption): the epoch stays unfinished
         _end_epoch(run)
         progress.current_epoch += 1
         progress.batches_done = 0
@@ -40,9 +42,23 @@ def fit_loop(run, train: TrainData, val_loaders: list) -> None:
 
 def _fit_done(run) -> bool:
     cfg, progress = run.cfg, run.progress
-    return (run.should_stop
+    return ((run.should_stop and can_stop_early(run))
             or (cfg.max_steps != -1 and progress.global_step >= cfg.max_steps)
             or (cfg.max_epochs != -1 and progress.current_epoch >= cfg.max_epochs))
+
+
+def can_stop_early(run) -> bool:
+    """should_stop (EarlyStopping, a module) ends the fit once min_epochs and min_steps are met;
+    before that training goes on (Lightning's rule), with a notice."""
+    cfg, progress = run.cfg, run.progress
+    min_epochs = run.trainer.min_epochs  # 1 when only min_steps is set (Lightning's rule)
+    met = ((not min_epochs or progress.current_epoch >= min_epochs)
+           and (not cfg.min_steps or progress.global_step >= cfg.min_steps))
+    if not met and not run.noted_min_not_met:
+        run.noted_min_not_met = True
+        log.info("trainer.should_stop was set but min_epochs=%s / min_steps=%s are not reached yet: "
+                 "training continues", cfg.min_epochs, cfg.min_steps)
+    return met
 
 
 def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
@@ -62,7 +78,6 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
     accumulate = cfg.accumulate_grad_batches
     automatic = module.automatic_optimization
     data_region = prof.region(DATA_NEXT)
-    window_has_grad = False
     batch_idx = start
     # With a known length, the last batch is known by index. Without one, one batch of lookahead
     # tells (an accumulation window closes at the epoch's end). Lookahead is avoided otherwise:
@@ -82,7 +97,8 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
         else:
             is_last = batch_idx + 1 >= n
             pending = None  # fetched at the bottom of the loop, after this step
-        batch = move_to_device(batch, run.device)
+        run.is_last_batch = is_last
+        batch = run.batch_to_device(batch)
         metrics.batch_size = infer_batch_size(batch)
         # self.log defaults to per-step values from on_train_batch_start to on_train_batch_end
         # (training_step and the backward/optimizer hooks), per-epoch values elsewhere.
@@ -92,52 +108,58 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
             metrics.in_step = False
             return True  # the module ended the epoch early (Lightning's -1): on to epoch end
         progress.batches_done = batch_idx + 1
-        steps_before = progress.global_step
         window_done = (batch_idx + 1) % accumulate == 0 or is_last
         if automatic:
+            closure = TrainingClosure(run, batch, batch_idx)
             if window_done:
-                outputs, backward_done = _forward_backward(run, batch, batch_idx)
+                # the module's optimizer_step runs the closure inside optimizer.step (Lightning's)
+                run.optimizer_step(batch_idx, closure)
+                progress.global_step += 1
+                prof.step()
+                if run.scheduler_configs:
+                    with prof.region(SCHEDULERS):
+                        run.step_schedulers("step")
             else:
                 # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers
                 # the communication to the window's last backward.
                 with run.strategy.no_sync():
-                    outputs, backward_done = _forward_backward(run, batch, batch_idx)
-            window_has_grad |= backward_done
-            if window_done:
-                if window_has_grad:  # a window whose every step returned None skips the step
-                    with prof.region(OPTIMIZER):
-                        run.optimizer_step()
-                    progress.global_step += 1
-                    prof.step()
-                    if run.scheduler_configs:
-                        with prof.region(SCHEDULERS):
-                            run.step_schedulers("step")
-                window_has_grad = False
+                    closure()
+            if hooks.on_train_batch_end is not None:
+                hooks.on_train_batch_end(closure.batch_end_outputs(), batch, batch_idx)
         else:
             with prof.region(FORWARD), run.precision.autocast():
                 outputs = run.training_step(batch, batch_idx)
             window_done = True
-        if hooks.on_train_batch_end is not None:
-            hooks.on_train_batch_end(batch_end_outputs(outputs) if automatic else outputs, batch, batch_idx)
+            if hooks.on_train_batch_end is not None:
+                hooks.on_train_batch_end(outputs, batch, batch_idx)
         metrics.in_step = False
 
-        if progress.global_step != steps_before and progress.global_step % cfg.log_every_n_steps == 0:
-            # The only per-step host syncs, and only every log_every_n_steps steps.
+        if window_done and run.logs_this_step():
+            # The only per-step host syncs, and only every log_every_n_steps steps. Rows carry
+            # Lightning's step: the batches that stepped before this one.
             with prof.region(LOGGING):
                 run.check_finite_losses()
                 step_metrics = metrics.logger_filter(metrics.step_metrics(), "train")
                 step_metrics["epoch"] = float(progress.current_epoch)
-                run.log_to_loggers(step_metrics, progress.global_step)
+                run.log_to_loggers(step_metrics, progress.batches_stepped)
 
         if val_loaders and _validation_due(run, batch_idx, is_last):
+            if window_done:  # frees the gradients, unless a window is still accumulating them
+                module.on_validation_model_zero_grad()
             with prof.region(VALIDATION):
                 run_evaluation(run, val_loaders, "validate")
             run.boundary.validated = True
         if window_done:
+            progress.batches_stepped += 1
+        if window_done:
             checkpoint_boundary(run, "step")
         batch_idx += 1
-        if run.should_stop or (cfg.max_steps != -1 and progress.global_step >= cfg.max_steps):
-            return is_last
+        if run.should_stop and can_stop_early(run):
+            # should_stop (EarlyStopping, a module) ends the epoch here and its end runs, as in
+            # Lightning; a preemption leaves it unfinished, so the resumed run continues it.
+            return is_last or run.preempted is None
+        if cfg.max_steps != -1 and progress.global_step >= cfg.max_steps:
+            return is_last  # unfinished: a resume with a larger max_steps continues the epoch
         if not lookahead:
             if is_last:
                 pending = _END
@@ -154,8 +176,8 @@ def _end_epoch(run) -> None:
     values = run.metrics.logger_filter(end_epoch_in_order(run, "on_train_epoch_end", "train"), "train")
     if values:
         values["epoch"] = float(run.progress.current_epoch)
-        with run.profiler.region(LOGGING):
-            run.log_to_loggers(values, run.progress.global_step)
+        with run.profiler.region(LOGGING):  # at the epoch's last step, as Lightning logs it
+            run.log_to_loggers(values, run.progress.batches_stepped - 1)
     with run.profiler.region(SCHEDULERS):
         run.step_schedulers("epoch")
     run.progress.epoch_finished = True
@@ -182,58 +204,6 @@ def checkpoint_boundary(run, kind: str) -> None:
     boundary.validated = False
 
 
-def _forward_backward(run, batch: Any, batch_idx: int):
-    prof = run.profiler
-    with prof.region(FORWARD), run.precision.autocast():
-        outputs = run.training_step(batch, batch_idx)
-    loss = extract_loss(outputs)
-    k = run.cfg.accumulate_grad_batches
-    window_start = batch_idx % k == 0  # gradients are cleared here (Lightning's place), even without a loss
-    if loss is None:
-        if window_start:
-            run.zero_grad()
-        return outputs, False
-    run.note_loss(loss)  # checked on logging steps
-    # Backward runs outside autocast (as torch recommends); the loss is averaged over the
-    # window so k accumulated micro-batches equal one batch k times larger.
-    with prof.region(BACKWARD):
-        if window_start:
-            run.zero_grad()
-        run.backward(loss / k if k > 1 else loss)
-    return outputs, True
-
-
-def batch_end_outputs(outputs: Any) -> dict:
-    """What on_train_batch_end receives in automatic optimization, as in Lightning: a dict whose
-    "loss" is detached (a returned tensor becomes {"loss": ...}; None becomes {}); a returned
-    dict's other entries as they were."""
-    if outputs is None:
-        return {}
-    if isinstance(outputs, torch.Tensor):
-        return {"loss": outputs.detach()}
-    return {**outputs, "loss": outputs["loss"].detach()}
-
-
-def extract_loss(outputs: Any) -> torch.Tensor | None:
-    if outputs is None:
-        return None
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if isinstance(outputs, dict) and "loss" not in outputs:
-        raise ValueError(f"training_step returned a dict without a 'loss' key (keys: {sorted(outputs)}); "
-                         "return the loss tensor, a dict with 'loss', or None to skip the batch")
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"training_step returned {type(loss).__name__}; return the loss tensor, "
-                        "a dict with 'loss', or None to skip the batch")
-    if loss.numel() != 1:
-        raise ValueError(f"training_step's loss has shape {tuple(loss.shape)}; it must be a scalar "
-                         "(reduce it with .mean() or .sum())")
-    if not loss.requires_grad:
-        raise ValueError("training_step's loss does not require grad (was it detached, computed "
-                         "under torch.no_grad(), or from a module without trainable parameters?); "
-                         "return the loss tensor itself, computed from the module's parameters")
-    return loss
-
-
 def _validation_due(run, batch_idx: int, is_last: bool) -> bool:
     cfg = run.cfg
     if cfg.limit_val_batches == 0:
@@ -241,6 +211,8 @@ def _validation_due(run, batch_idx: int, is_last: bool) -> bool:
     epoch = run.progress.current_epoch
     if cfg.check_val_every_n_epoch is not None and (epoch + 1) % cfg.check_val_every_n_epoch:
         return False
+    if run.should_stop and run.preempted is None and can_stop_early(run):
+        return True  # stopping early mid-epoch validates first (Lightning)
     vci = cfg.val_check_interval
     if isinstance(vci, float):
         if vci == 1.0 or math.isinf(run.num_training_batches):

@@ -111,9 +111,15 @@ class _SkippingIterator:
 class TrainData:
     """The training loader of one run: sharded for this rank, resumable by index skipping."""
 
-    def __init__(self, loader: Any, world_size: int, rank: int, seed: int, use_distributed_sampler: bool = True):
+    def __init__(self, loader: Any, world_size: int, rank: int, seed: int, use_distributed_sampler: bool = True,
+                 overfit: bool = False):
         self.sampler_for_epoch = None
         self._skipper: _SkippingBatchSampler | None = None
+        if overfit and isinstance(loader, DataLoader) and isinstance(loader.sampler, RandomSampler):
+            # Lightning's overfit_batches: the same first batches every epoch
+            warnings.warn("Trainer(overfit_batches=...) trains on the first batches in order: the training "
+                          "loader's shuffling is turned off")
+            loader = rebuild_dataloader(loader, sampler=SequentialSampler(loader.dataset))
         self.loader = self._prepare(loader, world_size if use_distributed_sampler else 1, rank, seed)
 
     def _prepare(self, loader: Any, world_size: int, rank: int, seed: int) -> Any:

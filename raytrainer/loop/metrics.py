@@ -207,6 +207,13 @@ class MetricCollector:
             for metric in self._step_only_objects.values():  # logged on step only: one epoch's worth
                 metric.reset()
 
+    def clear_results(self) -> None:
+        """After the sanity check: nothing of it stays (Lightning resets callback_metrics,
+        logged_metrics and the progress bar's)."""
+        self._finalized, self._step_values, self._eval_step_values = {}, {}, {}
+        self._epoch_value_newer = set()
+        self.logged_metrics = {}
+
     # ------------------------------------------------------------------ reading (host syncs)
     def step_metrics(self) -> dict[str, float]:
         """Current per-step training values for the loggers: one host sync for all of them.

@@ -105,18 +105,34 @@ def _sched_config(s: Any, monitor: str | None) -> SchedulerConfig:
 
 
 class OptimizerHandle:
-    """What ``self.optimizers()`` returns in manual optimization: the optimizer, whose ``step``
-    goes through the precision plugin (GradScaler) and counts as a global step."""
+    """What ``self.optimizers()`` returns and ``optimizer_step`` receives (Lightning's
+    LightningOptimizer): an instance of the optimizer's own class (``isinstance(opt, torch.optim.SGD)``
+    holds) sharing its state, whose ``step(closure)`` goes through the run: the precision plugin
+    (GradScaler), ``on_before_optimizer_step``, gradient clipping, and in manual optimization one
+    global step per call."""
 
     def __init__(self, optimizer: Optimizer, run):
-        self.optimizer = optimizer
+        # The same __dict__ entries (param_groups, state, defaults, hooks) as the optimizer: what
+        # the user reads or changes through the handle (an LR warm-up) is the optimizer's.
+        self.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")})
+        self._optimizer = optimizer
         self._run = run
+        self.__class__ = type(f"Lightning{type(optimizer).__name__}", (OptimizerHandle, type(optimizer)), {})
 
-    def step(self, closure=None) -> None:
-        self._run.manual_optimizer_step(self.optimizer, closure)
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    def step(self, closure=None, **kwargs: Any) -> Any:
+        if closure is not None and not callable(closure):
+            raise TypeError(f"optimizer.step(closure=...) expects a callable, got {type(closure).__name__}")
+        return self._run.step_optimizer(self._optimizer, closure, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._optimizer.zero_grad(set_to_none=set_to_none)
 
-    def __getattr__(self, name: str) -> Any:  # param_groups, state, ...
-        return getattr(self.optimizer, name)
+    def state_dict(self) -> dict:
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._optimizer.load_state_dict(state_dict)

@@ -1,11 +1,12 @@
 """Precision plugins: ``"32-true"`` | ``"16-mixed"`` | ``"bf16-mixed"``.
 
 The base does nothing (``autocast()`` is a ``nullcontext``), as Lightning Fabric's plugins do; the
-loop calls the same four methods whatever the precision.
+loop calls the same methods whatever the precision.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -32,17 +33,22 @@ class Precision:
     def autocast(self):
         return nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The tensor backward runs on (and ``on_before_backward`` sees, as in Lightning)."""
+        return loss
 
     def unscale(self, optimizer) -> None:
         """Make the gradients true gradients before hooks see or clip them (a no-op here)."""
 
-    def step(self, optimizer, closure=None) -> None:
-        optimizer.step() if closure is None else optimizer.step(closure)
-
-    def update(self) -> None:
-        """Called once after all optimizers stepped in a step (GradScaler.update)."""
+    def optimizer_step(self, optimizer, closure, after_closure, automatic: bool, **kwargs: Any) -> Any:
+        """``optimizer.step`` with the closure (training_step, zero_grad, backward) run inside it,
+        as closure optimizers (LBFGS) need; ``after_closure`` (unscale, on_before_optimizer_step,
+        clipping) runs after every call of the closure, before the update."""
+        def closure_then_hooks():
+            result = closure() if closure is not None else None
+            after_closure()
+            return result
+        return optimizer.step(closure=closure_then_hooks, **kwargs)  # kwargs: the optimizer's own
 
     def state_dict(self) -> dict:
         return {}
@@ -59,31 +65,34 @@ class MixedPrecision(Precision):
         self.device_type = device_type
         self.dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         self.scaler = torch.amp.GradScaler(device_type) if precision == "16-mixed" else None
-        self._unscaled: set[int] = set()
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def unscale(self, optimizer) -> None:
-        if self.scaler is not None and id(optimizer) not in self._unscaled:
-            self.scaler.unscale_(optimizer)
-            self._unscaled.add(id(optimizer))
-
-    def step(self, optimizer, closure=None) -> None:
-        if self.scaler is None:
-            return super().step(optimizer, closure)
-        if closure is not None:
-            raise ValueError("precision='16-mixed' cannot step an optimizer that needs a closure "
-                             "(e.g. LBFGS): GradScaler does not support closures")
-        self.scaler.step(optimizer)  # skips the step when gradients hold inf/NaN
-
-    def update(self) -> None:
         if self.scaler is not None:
-            self.scaler.update()
-            self._unscaled.clear()
+            self.scaler.unscale_(optimizer)
+
+    def optimizer_step(self, optimizer, closure, after_closure, automatic: bool, **kwargs: Any) -> Any:
+        if self.scaler is None:
+            return super().optimizer_step(optimizer, closure, after_closure, automatic, **kwargs)
+        # GradScaler cannot step with a closure: run it first, then unscale and step (Lightning's
+        # order). An optimizer that calls its closure several times (LBFGS) cannot work here.
+        if "LBFGS" in type(optimizer).__name__:
+            raise ValueError("precision='16-mixed' cannot step an optimizer that needs a closure "
+                             "(LBFGS): GradScaler does not support closures. Use '32-true' or 'bf16-mixed'")
+        result = closure() if closure is not None else None
+        if automatic and result is None:
+            # training_step returned None at the window's end: no step (as Lightning), and no
+            # unscale either, which would leave the scaler waiting for an update()
+            return None
+        after_closure()  # unscale first: hooks and clipping see true gradients
+        out = self.scaler.step(optimizer, **kwargs)  # skips the update when gradients hold inf/NaN
+        self.scaler.update()
+        return out
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

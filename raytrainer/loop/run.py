@@ -11,6 +11,7 @@ optimization calls come to it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from raytrainer.loop.metrics import MetricCollector
 from raytrainer.loop.optim import OptimizerHandle, SchedulerConfig, parse_optimizers
 from raytrainer.loop.precision import build_precision
 from raytrainer.loop.strategy import build_strategy, noting_the_batch
-from raytrainer.module import Module, is_overridden
+from raytrainer.data import DataModule
+from raytrainer.module import Module, is_overridden, takes_batch_idx
 from raytrainer.profiler import CHECKPOINT_SAVE, CHECKPOINT_WAIT, OPTIMIZER, NoProfiler
 
 
@@ -38,6 +40,9 @@ class Progress:
     current_epoch: int = 0
     batches_done: int = 0          # batches of current_epoch consumed
     epoch_finished: bool = False   # True at an epoch-end boundary, until the next epoch starts
+    # Lightning's _batches_that_stepped, the loggers' step: batches that closed an accumulation
+    # window (every batch in manual optimization, where global_step counts optimizer steps)
+    batches_stepped: int = 0
 
     def position(self) -> tuple[int, bool]:
         """What identifies a checkpoint: two saves at one position hold the same state."""
@@ -78,8 +83,13 @@ class Run:
         # Distributed only for training: evaluation needs no gradient sync, and each rank keeps
         # the full weights.
         self.strategy = build_strategy(self.cfg.strategy, module, self.device, ctx,
-                                       distributed=ctx.world_size > 1 and stage == "fit")
+                                       distributed=ctx.world_size > 1 and stage == "fit",
+                                       sync_batchnorm=self.cfg.sync_batchnorm)
         self.training_step = None  # the strategy's training step (setup_strategy)
+        # on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer: the
+        # datamodule's where it overrides one (Lightning's choice), else the module's
+        self.transfer_hooks = tuple(_batch_hook(name, module, datamodule) for name in
+                                    ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"))
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scheduler_configs: list[SchedulerConfig] = []
         self.optimizer_handles: list[OptimizerHandle] = []
@@ -90,15 +100,26 @@ class Run:
         self.epoch_data_state: dict | None = None  # RNG at the epoch's start (mid-epoch resume)
         self.resume_rng: dict | None = None        # the checkpoint's RNG, restored after the skip
         self.should_stop = False
+        self.noted_min_not_met = False   # should_stop before min_epochs/min_steps: said once
+        self.resumed = False             # the fit continues from a checkpoint (no sanity check)
+        self.sanity_checking = False
+        self.is_last_batch = False       # the batch in progress is the epoch's last
         self.preempted: str | None = None  # the signal that stopped the fit (loop/preemption.py)
         self.last_saved_position: tuple[int, bool] | None = None
         self.recent_losses: list[tuple[int, torch.Tensor]] = []  # since the last finiteness check
+        self.eval_batches_seen: dict[int, int] = {}  # per eval loader, in this run: the loggers' step
 
     # ------------------------------------------------------------------ setup
     def setup_strategy(self) -> None:
         """Place (and for training, wrap) the model; after the module's own setup()."""
         self.strategy.setup()
-        self.training_step = noting_the_batch(self.strategy.step_fn("training_step"), "training_step")
+        self.training_step = noting_the_batch(self.strategy.step_fn("training_step"), "training_step",
+                                              takes_batch_idx(self.module.training_step))
+
+    @property
+    def num_sanity_val_batches(self) -> list[float]:
+        steps = self.cfg.num_sanity_val_steps
+        return [min(math.inf if steps == -1 else steps, n) for n in self.num_val_batches]
 
     def set_data_sizes(self, num_training_batches: float, num_val_batches: list[float]) -> None:
         self.num_training_batches = num_training_batches
@@ -139,56 +160,80 @@ class Run:
 
     # ------------------------------------------------------------------ what modules call
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Automatic optimization's backward and ``self.manual_backward``: the loss scaled by the
+        precision (fp16's GradScaler), then the hooks and ``module.backward`` (Lightning's order)."""
         hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
+        loss = self.precision.scale_loss(loss)
         if hooks.on_before_backward is not None:
             hooks.on_before_backward(loss)
-        self.precision.backward(loss)
+        self.module.backward(loss, *args, **kwargs)
         if hooks.on_after_backward is not None:
             hooks.on_after_backward()
 
     def clip_gradients(self, optimizer, clip_val=None, algorithm=None) -> None:
-        clip_val = self.cfg.gradient_clip_val if clip_val is None else clip_val
+        """``self.clip_gradients``: Lightning's rules (the Trainer's values when None; both set
+        and different is an error, a silent override either way would surprise)."""
+        cfg = self.cfg
+        for name, given, configured in (("gradient_clip_val", clip_val, cfg.gradient_clip_val),
+                                        ("gradient_clip_algorithm", algorithm, cfg.gradient_clip_algorithm)):
+            if given is not None and configured is not None and given != configured:
+                raise ValueError(f"Trainer({name}={configured!r}) and clip_gradients({name}={given!r}) "
+                                 "disagree: set only one of them")
+        clip_val = cfg.gradient_clip_val if clip_val is None else clip_val
         if not clip_val:
             return
-        algorithm = algorithm or self.cfg.gradient_clip_algorithm
+        algorithm = algorithm or cfg.gradient_clip_algorithm or "norm"
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # the handle or the optimizer
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if algorithm == "norm":
             torch.nn.utils.clip_grad_norm_(params, clip_val)
         else:
             torch.nn.utils.clip_grad_value_(params, clip_val)
 
-    def manual_optimizer_step(self, optimizer, closure=None) -> None:
-        """``self.optimizers().step()`` in manual optimization: one global step."""
-        with self.profiler.region(OPTIMIZER):
-            self.precision.unscale(optimizer)
-            self.hooks.call("on_before_optimizer_step", optimizer)
-            self.precision.step(optimizer, closure)
-            self.precision.update()
-        self.progress.global_step += 1
-        self.profiler.step()
+    def step_optimizer(self, optimizer, closure=None, **kwargs: Any) -> Any:
+        """``optimizer.step(closure)`` through the handle (``self.optimizers()``, ``optimizer_step``):
+        the closure, then unscale, ``on_before_optimizer_step`` and (automatic optimization)
+        ``configure_gradient_clipping``, then the update. In manual optimization each call is a
+        global step; in automatic optimization the loop counts the step."""
+        hooks, module, cfg, precision = self.hooks, self.module, self.cfg, self.precision
+        automatic = module.automatic_optimization
 
-    # ------------------------------------------------------------------ what the loop calls
-    def optimizer_step(self) -> None:
-        """Unscale, hooks, clip, step for every optimizer: one automatic step."""
-        hooks = self.hooks  # a hook nobody overrides is None: not called at all (every step)
-        for optimizer in self.optimizers:
-            self.precision.unscale(optimizer)  # hooks and clipping must see true gradients
+        def after_closure() -> None:
+            precision.unscale(optimizer)  # hooks and clipping must see true gradients
             if hooks.on_before_optimizer_step is not None:
                 hooks.on_before_optimizer_step(optimizer)
-            if self.cfg.gradient_clip_val:
-                self.clip_gradients(optimizer)
-            self.precision.step(optimizer)
-        self.precision.update()
+            if automatic:
+                module.configure_gradient_clipping(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
 
-    def zero_grad(self) -> None:
+        with self.profiler.region(OPTIMIZER):
+            out = precision.optimizer_step(optimizer, closure, after_closure, automatic, **kwargs)
+        if not automatic:
+            self.progress.global_step += 1
+            self.profiler.step()
+        return out
+
+    # ------------------------------------------------------------------ what the loop calls
+    def optimizer_step(self, batch_idx: int, closure) -> None:
+        """One automatic step: the module's ``optimizer_step`` (Lightning's default steps the
+        optimizer with the closure; an override may warm the LR up first)."""
+        self.module.optimizer_step(self.progress.current_epoch, batch_idx, self.optimizer_handles[0], closure)
+        closure.check_called()
+
+    def zero_grad(self, batch_idx: int) -> None:
         """Where Lightning clears gradients: after the first training_step of an accumulation
         window, before its backward (so the last step's gradients stay readable until then, in
         on_train_batch_end and callbacks, as in Lightning)."""
-        hooks = self.hooks
+        hooks, module, epoch = self.hooks, self.module, self.progress.current_epoch
         for optimizer in self.optimizers:
             if hooks.on_before_zero_grad is not None:
                 hooks.on_before_zero_grad(optimizer)
-            optimizer.zero_grad(set_to_none=True)
+            module.optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def batch_to_device(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """The batch on the device through the three transfer hooks (the datamodule's where it
+        overrides one, as in Lightning)."""
+        before, transfer, after = self.transfer_hooks
+        return after(transfer(before(batch, dataloader_idx), self.device, dataloader_idx), dataloader_idx)
 
     def step_schedulers(self, interval: str) -> None:
         """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
@@ -207,9 +252,9 @@ class Run:
                     raise KeyError(f"ReduceLROnPlateau monitors {cfg.monitor!r}, which was not logged; "
                                    f"logged metrics: {sorted(metrics)}. Log it with self.log({cfg.monitor!r}, "
                                    "...), fix the 'monitor' name, or set 'strict': False in the scheduler config")
-                cfg.scheduler.step(float(metrics[cfg.monitor]))
+                self.module.lr_scheduler_step(cfg.scheduler, float(metrics[cfg.monitor]))
             else:
-                cfg.scheduler.step()
+                self.module.lr_scheduler_step(cfg.scheduler, None)
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Keep the step's loss (on the device) for the next finiteness check."""
@@ -235,6 +280,10 @@ class Run:
             "training stopped and no checkpoint of the weights after it was committed. Lower the learning "
             "rate, clip gradients (gradient_clip_val), check the data for NaN/inf, or use "
             "precision='bf16-mixed' instead of '16-mixed'; resume from the last checkpoint with ckpt_path='last'")
+
+    def logs_this_step(self) -> bool:
+        """The training batch in progress logs its step values (Lightning's should_update_logs)."""
+        return (self.progress.batches_stepped + 1) % self.cfg.log_every_n_steps == 0 or self.should_stop
 
     def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
         if metrics:
@@ -288,6 +337,7 @@ class Run:
     def restore(self, checkpoint: dict, weights_only: bool = False, own_run: bool = True) -> None:
         """Load a checkpoint (loop/state.py); ``weights_only`` for validate/test/predict."""
         position = state.restore(self, checkpoint, weights_only=weights_only, own_run=own_run)
+        self.resumed = not weights_only
         if position is not None:
             self.epoch_data_state = position.epoch_data_state
             self.resume_rng = position.resume_rng
@@ -297,3 +347,12 @@ class Run:
         out = {k: float(v) for k, v in self.metrics.callback_metrics().items() if v.numel() == 1}
         out.update(epoch=self.progress.current_epoch, step=self.progress.global_step)
         return out
+
+
+def _batch_hook(name: str, module: Module, datamodule):
+    if datamodule is not None and is_overridden(name, datamodule, DataModule):
+        if is_overridden(name, module, Module):
+            warnings.warn(f"{name} is overridden in both {type(module).__name__} and {type(datamodule).__name__}: "
+                          "the datamodule's is used (as in Lightning)", stacklevel=2)
+        return getattr(datamodule, name)
+    return getattr(module, name)

@@ -30,7 +30,8 @@ def checkpoint_state(run) -> dict:
         "precision": run.precision.state_dict(),
         "epoch": progress.current_epoch,
         "global_step": progress.global_step,
-        "loops": {"batches_done": progress.batches_done, "epoch_finished": progress.epoch_finished},
+        "loops": {"batches_done": progress.batches_done, "epoch_finished": progress.epoch_finished,
+                  "batches_stepped": progress.batches_stepped},
         "rank_state": {"rng": capture_rng_state(), "epoch_data_state": run.epoch_data_state},
         "metrics": run.metrics.state_dict(),
         "callbacks": {cb.state_key: cb.state_dict() for cb in run.callbacks},
@@ -57,10 +58,13 @@ def restore(run, state: dict, weights_only: bool = False, own_run: bool = True) 
     ``progress``; counters and RNG only for fit (``weights_only`` is validate/test/predict, which
     need the weights alone). Loggers continue the checkpoint's logger runs only when it is
     ``own_run``'s (see ``Logger.load_state_dict``)."""
+    # Lightning's order: the module's hook before the weights load (it may rename keys of a
+    # renamed layer), the callbacks' after, and only when the fit continues from the checkpoint.
+    run.hooks.call_module("on_load_checkpoint", state)
     run.strategy.load_model_state_dict(state["state_dict"])
-    run.hooks.call("on_load_checkpoint", state)
     if weights_only:
         return None
+    run.hooks.call_callbacks("on_load_checkpoint", state)
     if len(state["optimizer_states"]) != len(run.optimizers):
         raise ValueError(f"the checkpoint has {len(state['optimizer_states'])} optimizer states but "
                          f"configure_optimizers() returned {len(run.optimizers)} optimizers")
@@ -82,6 +86,7 @@ def restore(run, state: dict, weights_only: bool = False, own_run: bool = True) 
     progress.current_epoch = state["epoch"]
     progress.batches_done = state["loops"]["batches_done"]
     progress.epoch_finished = state["loops"]["epoch_finished"]
+    progress.batches_stepped = state["loops"].get("batches_stepped", progress.global_step)  # older checkpoints
     rank_states = state["rank_states"]
     # Each rank resumes its own RNG streams; with a different world size, rank 0's.
     rank_state = rank_states.get(run.ctx.global_rank, rank_states.get(0))

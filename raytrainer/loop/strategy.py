@@ -74,6 +74,11 @@ class Strategy:
     def setup(self) -> None:
         self.module.to(self.device)
 
+    @property
+    def model(self) -> nn.Module:
+        """The module as the strategy wraps it (Lightning's ``trainer.model``)."""
+        return getattr(self, "wrapper", None) or getattr(self, "shim", None) or self.module
+
     def set_optimizers(self, optimizers: list) -> None:
         self.optimizers = list(optimizers)
 
@@ -172,8 +177,14 @@ class Strategy:
 
 
 class DDPStrategy(Strategy):
+    def __init__(self, module: nn.Module, device: torch.device, ctx=None, sync_batchnorm: bool = False):
+        super().__init__(module, device, ctx)
+        self.sync_batchnorm = sync_batchnorm
+
     def setup(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
+        if self.sync_batchnorm:
+            _convert_sync_batchnorm(self.module, self.device)
         super().setup()
         device = self.device
         self.wrapper = DistributedDataParallel(_StepShim(self.module),
@@ -309,23 +320,39 @@ def _is_sharded(state: dict) -> bool:
     return any(isinstance(v, DTensor) or (isinstance(v, dict) and _is_sharded(v)) for v in state.values())
 
 
-def build_strategy(name: str, module: nn.Module, device: torch.device, ctx, distributed: bool) -> Strategy:
+def build_strategy(name: str, module: nn.Module, device: torch.device, ctx, distributed: bool,
+                   sync_batchnorm: bool = False) -> Strategy:
     """``Trainer(strategy=...)``'s name -> the strategy of one run (one process when not ``distributed``)."""
     if not distributed:
         return Strategy(module, device, ctx)
     if name == "ddp":
-        return DDPStrategy(module, device, ctx)
+        return DDPStrategy(module, device, ctx, sync_batchnorm=sync_batchnorm)
+    if sync_batchnorm:
+        raise ValueError("Trainer(sync_batchnorm=True) is for strategy='ddp' (FSDP shards normalize per worker)")
     return FSDP2Strategy(module, device, ctx, sharded=name == "fsdp_sharded")  # "fsdp" | "fsdp_sharded"
 
 
-def noting_the_batch(step, name: str):
+def _convert_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
+    """Trainer(sync_batchnorm=True): batch statistics over every worker's batch (GPU only: torch's
+    SyncBatchNorm has no CPU kernel). Converted in place, so the user's module holds them."""
+    if device.type != "cuda":
+        raise ValueError("Trainer(sync_batchnorm=True) needs GPU workers (torch's SyncBatchNorm runs on CUDA "
+                         "only); on CPU each worker normalizes with its own batch statistics")
+    for name, child in list(module.named_children()):
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+
+
+def noting_the_batch(step, name: str, pass_batch_idx: bool = True):
     """``step`` whose exceptions carry a note saying what the batch was: ``x, y = batch`` on a
     batch of another structure fails inside user code with "not enough values to unpack" or
     "KeyError: 0", which names neither the batch nor the loader. The exception is the user's own,
-    re-raised. Per step this costs one function call (the try itself is free unless it raises)."""
+    re-raised. Per step this costs one function call (the try itself is free unless it raises).
+    ``pass_batch_idx=False``: a ``training_step(self, batch)`` gets the batch alone."""
     def noted(batch, batch_idx, *args):
         try:
-            return step(batch, batch_idx, *args)
+            return step(batch, batch_idx, *args) if pass_batch_idx else step(batch, *args)
         except Exception as e:
             if hasattr(e, "add_note"):  # Python >= 3.11
                 e.add_note(f"raytrainer: {name}(batch, batch_idx={batch_idx}) raised this; the batch was "
@@ -336,15 +363,17 @@ def noting_the_batch(step, name: str):
     return noted
 
 
-def apply_determinism(deterministic: bool):
-    """Turn on deterministic algorithms for the run; returns a function restoring the old mode
-    (process-wide torch flags must not leak into the next run in the same process)."""
-    if not deterministic:
-        return lambda: None
+def apply_determinism(deterministic: bool, benchmark: bool | None = None):
+    """Turn on deterministic algorithms (and set cudnn's benchmark mode) for the run; returns a
+    function restoring the old flags (process-wide torch flags must not leak into the next run
+    in the same process)."""
     previous = torch.are_deterministic_algorithms_enabled()
     prev_cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    elif benchmark is not None:
+        torch.backends.cudnn.benchmark = benchmark
 
     def restore() -> None:
         torch.use_deterministic_algorithms(previous)

@@ -89,7 +89,8 @@ def worker_layout(cfg, cluster_gpus: int) -> tuple[bool, int]:
     if cfg.accelerator == "gpu" and cluster_gpus == 0:
         raise ConfigError("Trainer(accelerator='gpu'): the Ray cluster has no GPU; use accelerator='cpu' or 'auto'")
     use_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cluster_gpus > 0)
-    num_workers = cfg.devices if cfg.devices != "auto" else (cluster_gpus if use_gpu else 1)
+    # devices per node x num_nodes, as in Lightning ("auto": every GPU of the cluster, all nodes')
+    num_workers = cfg.devices * cfg.num_nodes if cfg.devices != "auto" else (cluster_gpus if use_gpu else 1)
     return use_gpu, num_workers
 
 

@@ -53,7 +53,7 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     if cfg.devices == "auto" and cfg.accelerator == "gpu":
         raise ConfigError("sweep: devices='auto' with accelerator='gpu' would give every trial all "
                           "GPUs; set devices=<workers per trial>")
-    workers = cfg.devices if isinstance(cfg.devices, int) else 1
+    workers = cfg.devices * cfg.num_nodes if isinstance(cfg.devices, int) else 1
     ensure_ray()
     cluster = import_ray().cluster_resources()
     trainer_kwargs = dict(trainer._init_kwargs)

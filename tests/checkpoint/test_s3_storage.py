@@ -130,14 +130,14 @@ def test_fit_on_s3_commits_checkpoints_and_uploads_logs(s3_env, s3_server, tmp_p
     ea = EventAccumulator(tb_dir, size_guidance={"scalars": 0}).Reload()
     assert {"train_loss", "val_loss"} <= set(ea.Tags()["scalars"])
     val_tb = [(e.step, e.value) for e in ea.Scalars("val_loss")]
-    assert [s for s, _ in val_tb] == [5, 10]
-    assert [s for s, _ in ((e.step, e.value) for e in ea.Scalars("train_loss"))] == list(range(1, 11))
+    assert [s for s, _ in val_tb] == [4, 9]  # Lightning's steps: the optimizer steps before the row's
+    assert [s for s, _ in ((e.step, e.value) for e in ea.Scalars("train_loss"))] == list(range(10))
     assert yaml.safe_load(objects["tensorboard/hparams.yaml"]) == HPARAMS
 
     # csv/metrics.csv too, with the same values.
     rows = list(csv.DictReader(io.StringIO(objects["csv/metrics.csv"].decode())))
     val_csv = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
-    assert [s for s, _ in val_csv] == [5, 10]
+    assert [s for s, _ in val_csv] == [4, 9]
     assert [v for _, v in val_csv] == pytest.approx([v for _, v in val_tb], rel=1e-6)
     assert val_csv[-1][1] == pytest.approx(result.metrics["val_loss"], rel=1e-6)
     assert yaml.safe_load(objects["csv/hparams.yaml"]) == HPARAMS
@@ -194,7 +194,7 @@ def test_resume_last_from_s3_is_bit_identical(s3_env, s3_server, tmp_path):
     # the metrics file on S3 continues the first run's: every step once, in order
     rows = list(csv.DictReader(io.StringIO(_objects(s3_server, f"{s3_env}/run")["csv/metrics.csv"].decode())))
     steps = [int(r["step"]) for r in rows if r.get("train_loss")]
-    assert steps == list(range(1, total + 1))
+    assert steps == list(range(total))
 
 
 def _assert_no_secret(objects: dict[str, bytes]) -> None:

@@ -107,8 +107,8 @@ def test_kill_and_resume_continues_one_wandb_and_one_mlflow_run(tmp_path, wandb_
     assert first["id"] == second["id"] == wb.run_id
     assert (first["exit_code"], second["exit_code"]) == (1, 0)
     crashed, resumed = series(first["history"], "train_loss"), series(second["history"], "train_loss")
-    assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
-    assert [s for s, _ in resumed] == [5, 6, 7, 8]  # continues after the step-4 checkpoint
+    assert [s for s, _ in crashed] == [0, 1, 2, 3, 4]  # Lightning's numbering: the steps before
+    assert [s for s, _ in resumed] == [4, 5, 6, 7]  # continues after the step-4 checkpoint
     assert resumed[0][1] == pytest.approx(crashed[-1][1], abs=0)  # step 5 again, same loss
     for run in (first, second):
         assert [r["_step"] for r in run["history"]] == list(range(len(run["history"])))
@@ -128,7 +128,7 @@ def test_kill_and_resume_continues_one_wandb_and_one_mlflow_run(tmp_path, wandb_
     [run] = client.search_runs([exp.experiment_id])
     assert run.info.run_id == ml.run_id and run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(ml.run_id, "train_loss"))
-    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert steps == [0, 1, 2, 3, 4, 4, 5, 6, 7]
     assert run.data.params == {"lr": "0.1", "opt/name": "sgd", "opt/nesterov": "False"}
     assert exp.artifact_location.endswith(os.path.join("run", "mlartifacts"))
 
@@ -314,7 +314,7 @@ def test_a_checkpoint_of_another_run_brings_its_weights_not_its_logger_runs(tmp_
     [run_a] = offline_runs(tmp_path / "a")
     [run_b] = offline_runs(tmp_path / "b")
     assert (run_a["id"], run_b["id"]) == (wb_a.run_id, wb_b.run_id)
-    assert [s for s, _ in series(run_b["history"], "train_loss")] == [5, 6]
+    assert [s for s, _ in series(run_b["history"], "train_loss")] == [4, 5]
 
     from mlflow.tracking import MlflowClient
     steps = {}
@@ -323,7 +323,7 @@ def test_a_checkpoint_of_another_run_brings_its_weights_not_its_logger_runs(tmp_
         [run] = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
         assert run.info.run_id == logger.run_id
         steps[name] = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert steps == {"a": [1, 2, 3, 4], "b": [5, 6]}
+    assert steps == {"a": [0, 1, 2, 3], "b": [4, 5]}
 
 
 def test_each_sweep_trial_gets_its_own_run_grouped_under_the_sweep(tmp_path, wandb_offline, mlflow_local):

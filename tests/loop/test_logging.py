@@ -38,7 +38,7 @@ def test_on_epoch_mean_is_weighted_by_batch_size(tmp_path):
     assert trainer.callback_metrics["m"].item() == pytest.approx(1.8)
     assert trainer.logged_metrics["m"] == pytest.approx(1.8)
     assert result.metrics["m"] == pytest.approx(1.8)
-    assert csv_column(rows, "m") == [(3, pytest.approx(1.8))]
+    assert csv_column(rows, "m") == [(2, pytest.approx(1.8))]  # Lightning's step: the epoch's last
 
 
 def test_explicit_batch_size_overrides_the_inferred_one(tmp_path):
@@ -60,7 +60,7 @@ def test_train_loss_epoch_mean_matches_hand_computation(tmp_path):
     trainer, _, rows = _csv_fit(tmp_path, Model(), max_epochs=2)
     per_epoch = [seen[:3], seen[3:]]
     expected = [sum(v * n for v, n in ep) / sum(n for _, n in ep) for ep in per_epoch]
-    assert csv_column(rows, "loss") == [(3, pytest.approx(expected[0])), (6, pytest.approx(expected[1]))]
+    assert csv_column(rows, "loss") == [(2, pytest.approx(expected[0])), (5, pytest.approx(expected[1]))]
 
 
 @pytest.mark.parametrize("reduce_fx,expected", [("sum", 6.0), ("max", 3.0), ("min", 1.0),
@@ -70,14 +70,14 @@ def test_reduce_fx(tmp_path, reduce_fx, expected):
                                            reduce_fx=reduce_fx))
     trainer, _, rows = _csv_fit(tmp_path, model)
     assert trainer.callback_metrics["m"].item() == pytest.approx(expected)
-    assert csv_column(rows, "m") == [(3, pytest.approx(expected))]
+    assert csv_column(rows, "m") == [(2, pytest.approx(expected))]
 
 
 def test_epoch_values_restart_every_epoch(tmp_path):
     model = _logging(lambda m, b, i: m.log("m", float(m.current_epoch * 10 + i), on_step=False,
                                            on_epoch=True, reduce_fx="sum"))
     _, _, rows = _csv_fit(tmp_path, model, max_epochs=2)
-    assert csv_column(rows, "m") == [(3, 0 + 1 + 2), (6, 10 + 11 + 12)]
+    assert csv_column(rows, "m") == [(2, 0 + 1 + 2), (5, 10 + 11 + 12)]
 
 
 # ---------------------------------------------------------------- step values and names
@@ -90,7 +90,7 @@ def test_training_step_defaults_to_on_step_only(tmp_path):
         m.log("s", values[-1])
 
     trainer, result, rows = _csv_fit(tmp_path, _logging(log), max_epochs=2)
-    assert csv_column(rows, "s") == list(zip(range(1, 7), values))
+    assert csv_column(rows, "s") == list(zip(range(6), values))  # the steps before each row (Lightning)
     assert "s_step" not in rows[0] and "s_epoch" not in rows[0]
     assert trainer.callback_metrics["s"].item() == pytest.approx(values[-1])
     assert trainer.logged_metrics["s"] == pytest.approx(values[-1])
@@ -99,8 +99,8 @@ def test_training_step_defaults_to_on_step_only(tmp_path):
 def test_on_step_and_on_epoch_give_step_and_epoch_names(tmp_path):
     model = _logging(lambda m, b, i: m.log("x", float(i + 1), on_step=True, on_epoch=True))
     trainer, result, rows = _csv_fit(tmp_path, model, max_epochs=2)
-    assert csv_column(rows, "x_step") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 1.0), (5, 2.0), (6, 3.0)]
-    assert csv_column(rows, "x_epoch") == [(3, pytest.approx(1.8)), (6, pytest.approx(1.8))]
+    assert csv_column(rows, "x_step") == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 1.0), (4, 2.0), (5, 3.0)]
+    assert csv_column(rows, "x_epoch") == [(2, pytest.approx(1.8)), (5, pytest.approx(1.8))]
     assert "x" not in rows[0]
     cm = trainer.callback_metrics
     assert {"x", "x_step", "x_epoch"} <= set(cm)
@@ -143,7 +143,7 @@ def test_log_in_epoch_end_hook_defaults_to_epoch(tmp_path):
             self.log("epoch_hook", float(self.current_epoch) + 0.25)
 
     trainer, _, rows = _csv_fit(tmp_path, Model(), max_epochs=2)
-    assert csv_column(rows, "epoch_hook") == [(3, 0.25), (6, 1.25)]
+    assert csv_column(rows, "epoch_hook") == [(2, 0.25), (5, 1.25)]
 
 
 def test_log_in_train_batch_hooks_defaults_to_step(tmp_path):
@@ -152,7 +152,7 @@ def test_log_in_train_batch_hooks_defaults_to_step(tmp_path):
             self.log("batch_end", float(batch_idx))
 
     _, _, rows = _csv_fit(tmp_path, Model())
-    assert csv_column(rows, "batch_end") == [(1, 0.0), (2, 1.0), (3, 2.0)]
+    assert csv_column(rows, "batch_end") == [(0, 0.0), (1, 1.0), (2, 2.0)]
 
 
 def test_log_dict_and_numeric_types(tmp_path):
@@ -174,7 +174,7 @@ def test_validation_epoch_mean_equals_hand_computation(tmp_path):
         expected = nn.functional.mse_loss(model(x), y).item()  # weights after the last step
     assert result.metrics["val_loss"] == pytest.approx(expected, rel=1e-6)
     assert trainer.callback_metrics["val_loss"].item() == pytest.approx(expected, rel=1e-6)
-    assert [s for s, _ in csv_column(rows, "val_loss")] == [3, 6]
+    assert [s for s, _ in csv_column(rows, "val_loss")] == [2, 5]
     assert csv_column(rows, "val_loss")[-1][1] == pytest.approx(expected, rel=1e-6)
     # validation metrics are epoch aggregates even when on_step is asked for
     assert "val_loss_step" not in rows[0] and "val_loss_epoch" not in rows[0]
@@ -207,13 +207,14 @@ def test_default_loggers_write_tensorboard_and_csv(tmp_path):
     tb_dir = str(tmp_path / "exp" / "tensorboard")
     assert result.log_dir == trainer.log_dir == tb_dir
 
-    # CSV: train_loss at steps 2, 4, 6; val_loss and epoch aggregates at epoch ends (3, 6).
+    # CSV, at Lightning's steps (the optimizer steps before the row): train_loss after optimizer
+    # steps 2, 4, 6 (rows 1, 3, 5); val_loss at the epochs' last steps (rows 2, 5).
     rows = read_csv(tmp_path / "exp" / "csv" / "metrics.csv")
     assert list(rows[0]) == ["step", "epoch", "train_loss", "val_loss"]
-    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
-    assert [s for s, _ in csv_column(rows, "train_loss")] == [2, 4, 6]
-    assert [s for s, _ in csv_column(rows, "val_loss")] == [3, 6]
-    assert csv_column(rows, "epoch") == [(2, 0.0), (3, 0.0), (4, 1.0), (6, 1.0)]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 5]
+    assert [s for s, _ in csv_column(rows, "train_loss")] == [1, 3, 5]
+    assert [s for s, _ in csv_column(rows, "val_loss")] == [2, 5]
+    assert csv_column(rows, "epoch") == [(1, 0.0), (2, 0.0), (3, 1.0), (5, 1.0)]
 
     # TensorBoard, read back by TensorBoard's own reader: the same scalars at the same steps.
     assert tb_tags(tb_dir) == {"train_loss", "val_loss", "epoch"}
@@ -233,8 +234,8 @@ def test_logger_list_and_explicit_save_dir(tmp_path):
     trainer.fit(LinearModel(), loader(n=10, batch_size=4))
     assert trainer.logger is csv_logger and trainer.log_dir == str(tmp_path / "runs" / "run" / "table")
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
-    assert [s for s, _ in csv_column(rows, "train_loss")] == [1, 2, 3]
-    assert [s for s, _ in tb_scalars(str(tmp_path / "elsewhere" / "tb"), "train_loss")] == [1, 2, 3]
+    assert [s for s, _ in csv_column(rows, "train_loss")] == [0, 1, 2]
+    assert [s for s, _ in tb_scalars(str(tmp_path / "elsewhere" / "tb"), "train_loss")] == [0, 1, 2]
 
 
 def test_logger_false_writes_no_log_files(tmp_path):

@@ -79,3 +79,82 @@ def test_logger_freeze_unfreeze_and_dtype(tmp_path):
     model.unfreeze()
     assert all(p.requires_grad for p in model.parameters()) and model.training
     assert model.double().dtype == torch.float64
+
+
+class GanCode:
+    """Lightning's GAN template reduced: two optimizers stepped by hand, each step with only its
+    network's parameters requiring grad (toggle_optimizer), the handles being real optimizers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gen, self.disc = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        self.automatic_optimization = False
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        self.seen.append((isinstance(opt_g, torch.optim.Adam), isinstance(opt_d, torch.optim.SGD)))
+        self.toggle_optimizer(opt_g)
+        self.seen.append(([p.requires_grad for p in self.gen.parameters()],
+                          [p.requires_grad for p in self.disc.parameters()]))
+        g_loss = self.disc(self.gen(batch[0])).mean()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        opt_g.zero_grad()
+        self.untoggle_optimizer(opt_g)
+        with self.toggled_optimizer(opt_d):
+            d_loss = torch.nn.functional.mse_loss(self.disc(self.gen(batch[0]).detach()), batch[1])
+            self.manual_backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad()
+        self.seen.append([p.requires_grad for p in self.parameters()])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.1)
+
+
+def test_toggle_optimizer_and_optimizer_handles_as_in_lightning(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    ours = type("Ours", (GanCode, rt.Module), {})()
+    theirs = type("Theirs", (GanCode, pl.LightningModule), {})()
+    trainer = make_trainer(tmp_path)
+    trainer.fit(ours, loader(8))
+    pl_trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False)
+    pl_trainer.fit(theirs, loader(8))
+    assert ours.seen == theirs.seen and ours.seen[1] == ([True, True], [False, False])
+    assert (trainer.global_step, len(ours.seen)) == (pl_trainer.global_step, len(theirs.seen)) == (4, 6)  # manual: each optimizer step counts
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+class Renamed(LinearModel):
+    """A layer renamed since the checkpoint was written: on_load_checkpoint renames the keys
+    before the weights load (Lightning's order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.renamed = self.layer
+        del self.layer
+        self.order = []
+
+    def loss(self, batch):
+        return torch.nn.functional.mse_loss(self.renamed(batch[0]), batch[1])
+
+    def on_load_checkpoint(self, checkpoint):
+        self.order.append("on_load_checkpoint")
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith("layer.")]:
+            sd["renamed." + key[len("layer."):]] = sd.pop(key)
+
+
+def test_on_load_checkpoint_runs_before_the_weights_load(tmp_path):
+    trainer = make_trainer(tmp_path, enable_checkpointing=True)
+    old = LinearModel()
+    trainer.fit(old, loader())
+    new = Renamed()
+    make_trainer(tmp_path, name="eval").validate(new, loader(), ckpt_path=trainer.checkpoint_callback.last_model_path
+                                                  or trainer.checkpoint_callback.best_model_path, verbose=False)
+    assert new.order == ["on_load_checkpoint"]
+    torch.testing.assert_close(new.renamed.weight, old.layer.weight)

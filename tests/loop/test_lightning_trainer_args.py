@@ -1,0 +1,228 @@
+"""Lightning's Trainer arguments and attributes, side by side with pytorch-lightning: the sanity
+check (num_sanity_val_steps), min_epochs/min_steps against should_stop, overfit_batches,
+barebones, the model summary, the attributes modules read, and the arguments refused by name."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import raytrainer as rt
+from raytrainer.errors import ConfigError
+
+pl = pytest.importorskip("pytorch_lightning")
+pytestmark = pytest.mark.timeout(120)
+
+
+def data(n: int, batch_size: int = 2, seed: int = 0, shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, 1, generator=g)),
+                      batch_size=batch_size, shuffle=shuffle)
+
+
+class Rows:
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, {k: round(float(v), 6) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+class RtRows(Rows, rt.loggers.Logger):
+    pass
+
+
+class PlRows(Rows, pl.loggers.Logger):
+    name, version, experiment = "rows", 0, None
+
+
+class Watches:
+    """Records what a module sees: the sanity check, the batches, the attributes Lightning's
+    examples read."""
+
+    def __init__(self, stop_at_epoch=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(2, 1)
+        self.stop_at_epoch, self.seen = stop_at_epoch, []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(("train", self.current_epoch, batch_idx, round(float(batch[0].sum()), 5),
+                          self.trainer.is_last_batch))
+        loss = nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(("val", dataloader_idx, batch_idx, self.trainer.sanity_checking))
+        self.log("val_loss", nn.functional.mse_loss(self.layer(batch[0]), batch[1]))
+
+    def on_train_epoch_end(self):
+        if self.stop_at_epoch is not None and self.current_epoch >= self.stop_at_epoch:
+            self.trainer.should_stop = True
+
+    def on_fit_start(self):
+        t = self.trainer
+        self.seen.append(("attrs", t.num_devices, t.num_nodes, t.min_epochs, t.min_steps, t.gradient_clip_val,
+                          t.val_check_interval, t.check_val_every_n_epoch, t.sanity_checking,
+                          t.model is not None, t.lightning_module is self))
+
+    def on_train_start(self):
+        self.seen.append(("sanity batches", list(self.trainer.num_sanity_val_batches), dict(self.trainer.callback_metrics)))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SanityCallback:
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self.calls.append(("start", trainer.sanity_checking))
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        self.calls.append(("end", trainer.sanity_checking))
+
+    def on_validation_start(self, trainer, pl_module):
+        self.calls.append(("validation", trainer.sanity_checking))
+
+
+def _both(trainer_kwargs, train, val, **module_kwargs):
+    out = []
+    for base, cb_base, rows in ((rt.Module, rt.Callback, RtRows), (pl.LightningModule, pl.Callback, PlRows)):
+        module = type("M", (Watches, base), {})(**module_kwargs)
+        callback, logger = type("C", (SanityCallback, cb_base), {})(), rows()
+        kwargs = {"max_epochs": 2, "log_every_n_steps": 1, "logger": logger, "callbacks": [callback], **trainer_kwargs}
+        if base is rt.Module:
+            trainer = make_trainer(_both.tmp, **{"num_sanity_val_steps": 2, **kwargs})  # Lightning's default
+        else:
+            trainer = pl.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_checkpointing=False,
+                                 enable_model_summary=False, default_root_dir=str(_both.tmp), **kwargs)
+        torch.manual_seed(1)  # the shuffled loader's order comes from the global RNG
+        trainer.fit(module, train(), val())
+        out.append((trainer, module, callback, logger))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _tmp(tmp_path):
+    _both.tmp = tmp_path
+
+
+@pytest.mark.parametrize("sanity", [2, -1, 0])
+def test_sanity_check_runs_validation_first_and_keeps_nothing(sanity):
+    """Two loaders; a shuffled train loader: the sanity check draws no randomness the training
+    uses (the batches and weights equal Lightning's, which isolates the RNG too)."""
+    (ours, rt_mod, rt_cb, rt_rows), (theirs, pl_mod, pl_cb, pl_rows) = _both(
+        {"num_sanity_val_steps": sanity}, lambda: data(8, shuffle=True), lambda: [data(6, seed=1), data(2, seed=2)])
+    assert rt_mod.seen == pl_mod.seen
+    assert rt_cb.calls == pl_cb.calls and (("start", True) in rt_cb.calls) == (sanity != 0)
+    assert rt_rows.rows == pl_rows.rows  # nothing of the sanity check reaches the loggers
+    for a, b in zip(rt_mod.state_dict().values(), pl_mod.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("limits", [{"min_epochs": 3}, {"min_steps": 9}, {}])
+def test_should_stop_waits_for_min_epochs_and_min_steps(limits):
+    (ours, rt_mod, _, _), (theirs, pl_mod, _, _) = _both(
+        {"max_epochs": 5, "num_sanity_val_steps": 0, **limits}, lambda: data(8), lambda: data(2), stop_at_epoch=0)
+    assert (ours.current_epoch, ours.global_step) == (theirs.current_epoch, theirs.global_step)
+    assert ours.global_step == {"min_epochs": 12, "min_steps": 9}.get(next(iter(limits), None), 4)
+    assert rt_mod.seen == pl_mod.seen
+
+
+def test_overfit_batches_trains_on_the_same_first_batches_unshuffled():
+    with pytest.warns(UserWarning, match="shuffling is turned off"):
+        (ours, rt_mod, _, _), (theirs, pl_mod, _, _) = _both(
+            {"overfit_batches": 2, "num_sanity_val_steps": 0}, lambda: data(10, shuffle=True), lambda: data(6))
+    assert rt_mod.seen == pl_mod.seen
+    assert [s[2:4] for s in rt_mod.seen if s[0] == "train"][:2] == [s[2:4] for s in rt_mod.seen if s[0] == "train"][2:]
+    for a, b in zip(rt_mod.state_dict().values(), pl_mod.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_summary_numbers_are_lightnings(tmp_path, caplog):
+    from pytorch_lightning.utilities.model_summary import ModelSummary as PlSummary
+
+    class Net(rt.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(2, 300), nn.ReLU(), nn.Linear(300, 4))
+            self.norm = nn.BatchNorm1d(4)
+            self.head = nn.Linear(4, 1)
+            self.head.requires_grad_(False)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.head(self.norm(self.body(batch[0]))), batch[1]) + \
+                sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class PlNet(Net, pl.LightningModule):
+        pass
+
+    caplog.set_level(logging.INFO, logger="raytrainer.summary")
+    trainer = make_trainer(tmp_path, enable_model_summary=True)  # Lightning's default
+    summary_cb = next(c for c in trainer.callbacks if isinstance(c, rt.callbacks.ModelSummary))
+    trainer.fit(Net(), data(4))
+    ours, theirs = summary_cb.summary, PlSummary(PlNet(), max_depth=1)
+    for attr in ("layer_names", "layer_types", "param_nums", "training_modes", "total_parameters",
+                 "trainable_parameters", "model_size", "total_training_modes"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert "2.1 K     Trainable params" in caplog.text and "5         Non-trainable params" in caplog.text
+
+
+def test_attributes_default_root_dir_and_refusals(tmp_path):
+    trainer = rt.Trainer(default_root_dir=str(tmp_path), launcher="local", logger=False)
+    assert trainer.default_root_dir == trainer.cfg.storage_path == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"default_root_dir is Lightning's name for storage_path"):
+        rt.Trainer(default_root_dir=str(tmp_path), storage_path=str(tmp_path / "other"))
+    for arg, value in (("max_time", "00:01:00:00"), ("plugins", []), ("reload_dataloaders_every_n_epochs", 1)):
+        with pytest.raises(ConfigError, match=rf"Trainer\({arg}=...\) is a Lightning argument raytrainer does not support"):
+            rt.Trainer(**{arg: value})
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_epoch'\]"):
+        rt.Trainer(max_epoch=3)
+    with pytest.raises(ConfigError, match=r"barebones=True.*drop detect_anomaly"):
+        rt.Trainer(barebones=True, detect_anomaly=True)
+    bare = rt.Trainer(barebones=True, launcher="local")
+    assert bare.loggers == [] and bare.checkpoint_callback is None and not bare.cfg.num_sanity_val_steps
+    assert not any(isinstance(c, (rt.callbacks.ProgressBar, rt.callbacks.ModelSummary)) for c in bare.callbacks)
+    with pytest.raises(ConfigError, match=r"launcher='local', num_nodes=2"):
+        rt.Trainer(num_nodes=2, launcher="local")
+    with pytest.raises(ConfigError, match=r"benchmark=True, deterministic=True"):
+        rt.Trainer(benchmark=True, deterministic=True)
+
+
+def test_detect_anomaly_and_benchmark_apply_during_the_run_only(tmp_path):
+    class Nan(rt.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+            self.benchmark = None
+
+        def on_fit_start(self):
+            self.benchmark = torch.backends.cudnn.benchmark
+
+        def training_step(self, batch, batch_idx):
+            return torch.sqrt(self.layer(batch[0]) * 0 - 1).sum()  # NaN gradients in backward
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    before = torch.backends.cudnn.benchmark
+    module = Nan()
+    with pytest.raises(RuntimeError, match=r"Function 'SqrtBackward0' returned nan values"):
+        make_trainer(tmp_path, detect_anomaly=True, benchmark=not before).fit(module, data(4))
+    assert module.benchmark is (not before) and torch.backends.cudnn.benchmark is before
+    assert not torch.is_anomaly_enabled()
