@@ -114,3 +114,16 @@ def run_ranks(fn, world_size: int = 2, timeout_s: float = 60.0) -> list:
             error, tb = pickle.loads(payload)
             raise RankFailed(f"rank {rank} raised:\n{tb}") from pickle.loads(error)
     return [pickle.loads(got[rank][1]) for rank in range(world_size)]
+
+
+def fit_on_ranks(trainer_factory, module_factory, loader_factory, world_size: int = 2,
+                 timeout_s: float = 90.0) -> dict:
+    """The final weights (rank 0's state_dict) of a fit on ``world_size`` gloo ranks: the very loop
+    a Ray Train fit runs, without Ray's fixed cost. What an uninterrupted reference run of a Ray
+    fault-tolerance test needs (its weights are bit-identical to the Ray fit's)."""
+    def rank_fn(rank, world):
+        from raytrainer.loop.execute import execute
+        module = module_factory()
+        execute(trainer_factory(), "fit", module, None, {"train": loader_factory()}, None, GlooContext(rank, world))
+        return {k: v.detach().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    return run_ranks(rank_fn, world_size, timeout_s)[0]

@@ -68,6 +68,17 @@ class Progress(rt.Callback):
         time.sleep(self.delay)
 
 
+def trainer(storage, name, max_steps, launcher="local", devices=1, max_failures=0, callbacks=()):
+    return rt.Trainer(max_steps=int(max_steps), seed=3, launcher=launcher, devices=devices,
+                      accelerator="cpu", storage_path=storage, name=name, logger=False,
+                      enable_progress_bar=False, log_every_n_steps=2, max_failures=max_failures,
+                      callbacks=list(callbacks))
+
+
+def loader():
+    return DataLoader(NoisyData(), batch_size=8, shuffle=True)
+
+
 def main():
     storage, name, max_steps, progress, weights_out = sys.argv[1:6]
     launcher = sys.argv[6] if len(sys.argv) > 6 else "local"
@@ -75,11 +86,8 @@ def main():
     max_failures = int(sys.argv[8]) if len(sys.argv) > 8 else 0
     torch.manual_seed(0)
     model = Net()
-    trainer = rt.Trainer(max_steps=int(max_steps), seed=3, launcher=launcher, devices=devices,
-                         accelerator="cpu", storage_path=storage, name=name, logger=False,
-                         enable_progress_bar=False, log_every_n_steps=2, max_failures=max_failures,
-                         callbacks=[Progress(progress, 0.05)])
-    trainer.fit(model, DataLoader(NoisyData(), batch_size=8, shuffle=True), ckpt_path="last")
+    trainer(storage, name, max_steps, launcher, devices, max_failures, [Progress(progress, 0.05)]).fit(
+        model, loader(), ckpt_path="last")
     torch.save(model.state_dict(), weights_out)
 
 
