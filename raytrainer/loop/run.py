@@ -31,6 +31,7 @@ from raytrainer.loop.strategy import build_strategy, noting_the_batch
 from raytrainer.data import DataModule
 from raytrainer.module import Module, is_overridden, takes_batch_idx
 from raytrainer.profiler import CHECKPOINT_SAVE, CHECKPOINT_WAIT, OPTIMIZER, NoProfiler
+from raytrainer.utilities import move_to_device
 
 
 @dataclass
@@ -88,8 +89,13 @@ class Run:
         self.training_step = None  # the strategy's training step (setup_strategy)
         # on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer: the
         # datamodule's where it overrides one (Lightning's choice), else the module's
-        self.transfer_hooks = tuple(_batch_hook(name, module, datamodule) for name in
-                                    ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"))
+        self.transfer_hooks = tuple(_batch_hook(name, module, datamodule) for name in _TRANSFER_HOOKS)
+        overridden = any(is_overridden(name, obj, base) for obj, base in ((module, Module), (datamodule, DataModule))
+                         if obj is not None for name in _TRANSFER_HOOKS)
+        # batch_to_device(batch, dataloader_idx): through the hooks; the defaults as one call
+        self.batch_to_device = self._through_transfer_hooks if overridden else self._move_batch
+        self.clipping_overridden = is_overridden("configure_gradient_clipping", module, Module)
+        self.optimizer_step_overridden = is_overridden("optimizer_step", module, Module)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scheduler_configs: list[SchedulerConfig] = []
         self.optimizer_handles: list[OptimizerHandle] = []
@@ -197,12 +203,15 @@ class Run:
         global step; in automatic optimization the loop counts the step."""
         hooks, module, cfg, precision = self.hooks, self.module, self.cfg, self.precision
         automatic = module.automatic_optimization
+        # The default configure_gradient_clipping does nothing without gradient_clip_val: not
+        # called then (every step counts on a small model), as if it had been.
+        clipping = automatic and (cfg.gradient_clip_val or self.clipping_overridden)
 
         def after_closure() -> None:
             precision.unscale(optimizer)  # hooks and clipping must see true gradients
             if hooks.on_before_optimizer_step is not None:
                 hooks.on_before_optimizer_step(optimizer)
-            if automatic:
+            if clipping:
                 module.configure_gradient_clipping(optimizer, cfg.gradient_clip_val, cfg.gradient_clip_algorithm)
 
         with self.profiler.region(OPTIMIZER):
@@ -216,6 +225,9 @@ class Run:
     def optimizer_step(self, batch_idx: int, closure) -> None:
         """One automatic step: the module's ``optimizer_step`` (Lightning's default steps the
         optimizer with the closure; an override may warm the LR up first)."""
+        if not self.optimizer_step_overridden:  # what the default does, without its two calls
+            self.step_optimizer(self.optimizers[0], closure)
+            return
         self.module.optimizer_step(self.progress.current_epoch, batch_idx, self.optimizer_handles[0], closure)
         closure.check_called()
 
@@ -229,7 +241,10 @@ class Run:
                 hooks.on_before_zero_grad(optimizer)
             module.optimizer_zero_grad(epoch, batch_idx, optimizer)
 
-    def batch_to_device(self, batch: Any, dataloader_idx: int = 0) -> Any:
+    def _move_batch(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        return move_to_device(batch, self.device)
+
+    def _through_transfer_hooks(self, batch: Any, dataloader_idx: int = 0) -> Any:
         """The batch on the device through the three transfer hooks (the datamodule's where it
         overrides one, as in Lightning)."""
         before, transfer, after = self.transfer_hooks
@@ -347,6 +362,9 @@ class Run:
         out = {k: float(v) for k, v in self.metrics.callback_metrics().items() if v.numel() == 1}
         out.update(epoch=self.progress.current_epoch, step=self.progress.global_step)
         return out
+
+
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 
 def _batch_hook(name: str, module: Module, datamodule):
