@@ -1,6 +1,7 @@
 """Run by tests/test_multinode.py in its own process: a simulated Ray cluster
 (ray.cluster_utils.Cluster: a 0-CPU head and three 1-CPU nodes), 2 DDP workers spread over
-nodes, one uninterrupted reference run, then two scenarios, each printing one JSON line:
+nodes, an uninterrupted reference (the same loop on 2 gloo ranks), then two scenarios, each
+printing one JSON line:
 
     kill    the node of rank 1 dies without notice mid-run (checkpoints every step); training
             resumes on the spare node
@@ -126,19 +127,36 @@ def node_drainer(cluster, marker_dir, run_dir, stop):
             open(os.path.join(marker_dir, "remove-my-node.done"), "w").close()
 
 
-def fit(tmp, name, marker_dir=None, max_failures=0):
+def loader():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 4, generator=g)
-    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+
+
+def trainer(tmp, name, max_failures=0, devices=2, launcher="ray"):
+    return rt.Trainer(devices=devices, max_epochs=2, seed=0, storage_path=tmp, name=name, logger=False,
+                      enable_progress_bar=False, max_failures=max_failures, launcher=launcher,
+                      resources_per_worker={"CPU": 1} if launcher == "ray" else None,
+                      log_every_n_steps=1,
+                      # drain mode: epoch-end checkpoints only, so the just-in-time one shows
+                      callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=None if DRAIN else 1)])
+
+
+def model(marker_dir=None):
     torch.manual_seed(0)
-    model = Net(marker_dir)
-    trainer = rt.Trainer(devices=2, max_epochs=2, seed=0, storage_path=tmp, name=name, logger=False,
-                         enable_progress_bar=False, max_failures=max_failures,
-                         resources_per_worker={"CPU": 1},
-                         log_every_n_steps=1,
-                         # drain mode: epoch-end checkpoints only, so the just-in-time one shows
-                         callbacks=[rt.callbacks.ModelCheckpoint(every_n_train_steps=None if DRAIN else 1)])
-    return model, trainer.fit(model, data)
+    return Net(marker_dir)
+
+
+def fit(tmp, name, marker_dir=None, max_failures=0):
+    module = model(marker_dir)
+    return module, trainer(tmp, name, max_failures).fit(module, loader())
+
+
+def reference(tmp) -> dict:
+    """The uninterrupted run's weights: the same loop on 2 gloo ranks (checkpoint settings do
+    not change the weights), before the cluster starts: seconds, not a Ray fit."""
+    from multirank import fit_on_ranks
+    return fit_on_ranks(lambda: trainer(tmp, "straight", devices=1, launcher="local"), model, loader)
 
 
 def main(tmp):
@@ -153,14 +171,13 @@ def main(tmp):
     # raylet refuses the check at once; a live one answers in milliseconds).
     os.environ["RAY_health_check_period_ms"] = "1000"
     os.environ["RAY_health_check_failure_threshold"] = "3"
+    straight = reference(tmp)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(3):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        # One reference for both scenarios: checkpoint settings do not change the weights.
-        straight, _ = fit(tmp, "straight")
         for scenario in ("kill", "drain"):
             DRAIN = scenario == "drain"
             if DRAIN:  # a fresh spare for the node the first scenario removed
@@ -190,7 +207,7 @@ def run_scenario(cluster, tmp, scenario, straight) -> dict:
             node, start_step = open(os.path.join(marker_dir, name)).read().split()
             nodes.setdefault(name.split("-")[1], []).append(node)
             start_steps.setdefault(name.split("-")[1], []).append(int(start_step))
-    identical = all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    identical = all(torch.equal(a, b) for a, b in zip(straight.values(), resumed.state_dict().values()))
     return {"identical": identical, "global_step": result.global_step,
             "node_removed": os.path.exists(os.path.join(marker_dir, "remove-my-node.done")),
             "nodes_by_rank": nodes, "start_steps": start_steps, "jit_checkpoint": _read(os.path.join(marker_dir, "jit-checkpoint")),

@@ -12,7 +12,7 @@ from torch import nn
 import raytrainer as rt
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-ROWS, BATCH, EPOCHS = 97, 8, 3  # uneven: 48 rows per worker, 6 steps per epoch, 18 in all
+ROWS, BATCH, EPOCHS = 97, 8, 2  # uneven: 48 rows per worker, 6 steps per epoch, 12 in all
 KILL_AT = 9                     # rank 1 dies after step 9: mid-epoch 1 (an epoch already reshuffled)
 
 
@@ -64,15 +64,15 @@ def test_shuffled_ray_dataset_worker_killed_mid_epoch_resumes_on_the_same_rows(r
     straight, result, straight_dir = _fit(tmp_path, "straight")
     assert result.global_step == EPOCHS * 6
     rows = [_rows(straight_dir, r) for r in (0, 1)]
-    assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 19))  # the same steps on both ranks
+    assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 13))  # the same steps on both ranks
     for epoch in range(EPOCHS):  # equal, disjoint shards of the uneven count, each epoch
         per_rank = [[i for _, (e, ids) in r.items() if e == epoch for i in ids] for r in rows]
         assert len(per_rank[0]) == len(per_rank[1]) == 48 and not set(per_rank[0]) & set(per_rank[1]), epoch
     order = [[i for _, (e, ids) in sorted(rows[0].items()) if e == epoch for i in ids] for epoch in range(EPOCHS)]
-    assert order[0] != order[1] != order[2] and order[0] != sorted(order[0])  # shuffled, anew each epoch
+    assert order[0] != order[1] and order[0] != sorted(order[0])  # shuffled, anew each epoch
 
     killed, result, killed_dir = _fit(tmp_path, "killed", kill_at=KILL_AT)
-    assert os.path.exists(os.path.join(killed_dir, "killed")) and result.global_step == 18
+    assert os.path.exists(os.path.join(killed_dir, "killed")) and result.global_step == 12
     for rank in (0, 1):  # every step, replayed ones included, trained on the uninterrupted run's rows
         assert _rows(killed_dir, rank) == rows[rank], rank
     for (k, v), w in zip(straight.state_dict().items(), killed.state_dict().values()):
