@@ -125,5 +125,8 @@ def fit_on_ranks(trainer_factory, module_factory, loader_factory, world_size: in
         from raytrainer.loop.execute import execute
         module = module_factory()
         execute(trainer_factory(), "fit", module, None, {"train": loader_factory()}, None, GlooContext(rank, world))
-        return {k: v.detach().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+        # FSDP leaves DTensor shards in the module: gathered on every rank (a collective)
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                 for k, v in module.state_dict().items()}
+        return state if rank == 0 else None
     return run_ranks(rank_fn, world_size, timeout_s)[0]

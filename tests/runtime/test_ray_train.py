@@ -92,7 +92,8 @@ class Recorder(rt.Module):
 
 def _trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 2)
-    return rt.Trainer(devices=2, seed=0, storage_path=str(tmp_path), name="ray", logger=False,
+    kw.setdefault("devices", 2)
+    return rt.Trainer(seed=0, storage_path=str(tmp_path), name="ray", logger=False,
                       enable_progress_bar=False, **kw)
 
 
@@ -129,18 +130,30 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
 
 
 def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_cluster, tmp_path):
-    """FSDP2 on 2 workers, a run with full checkpoints and one with sharded (DCP) checkpoints whose
-    rank 1 is SIGKILLed mid-epoch: the restarted workers load their shards and end bit-identical.
+    """FSDP2 on 2 workers with sharded (DCP) checkpoints, rank 1 SIGKILLed mid-epoch: the restarted
+    workers load their shards and end bit-identical to the run never killed (FSDP with full
+    checkpoints on 2 gloo ranks: the same loop, without a second Ray fit).
     (DDP's SIGKILL resume: test_ray_data_resume.py and test_chaos.py.)"""
+    from multirank import fit_on_ranks
+
+    from raytrainer.checkpoint import store as ckpt_io
+    from raytrainer.config import TrainerConfig
+
     every_step = [rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)]
     data = DataLoader(Indexed(), batch_size=8, shuffle=True)
-    torch.manual_seed(0)
-    straight = Recorder()
-    first = _trainer(tmp_path / "a", strategy="fsdp", callbacks=every_step).fit(straight, data)
-    # full, unsharded weights in the full checkpoint and in the caller's model
-    committed = rt.load_checkpoint(first.last_checkpoint)["state_dict"]
+
+    def recorder():
+        torch.manual_seed(0)
+        return Recorder()
+
+    # The uninterrupted reference: the same loop on 2 gloo ranks, FSDP with full checkpoints
+    straight = fit_on_ranks(lambda: _trainer(tmp_path / "a", strategy="fsdp", callbacks=every_step,
+                                             launcher="local", devices=1), recorder, lambda: data)
+    # full, unsharded weights in the full checkpoint and in the model
+    last = ckpt_io.latest_committed(TrainerConfig(storage_path=str(tmp_path / "a"), name="ray", launcher="local"))
+    committed = rt.load_checkpoint(last)["state_dict"]
     assert {k: tuple(v.shape) for k, v in committed.items()} == {"net.weight": (1, 4), "net.bias": (1,)}
-    assert all(torch.equal(v, committed[k]) for k, v in straight.state_dict().items())
+    assert all(torch.equal(v, committed[k]) for k, v in straight.items())
 
     torch.manual_seed(0)
     killed = Recorder(out_dir=str(tmp_path), kill_at=5)
@@ -150,7 +163,8 @@ def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_
     assert result.global_step == 8
     # resumed from the step-4 checkpoint (the kill came before step 5's), not from scratch
     assert len(torch.load(tmp_path / "rank0.pt")["seen"]) == 4 * 8
-    for (k, v), w in zip(straight.state_dict().items(), killed.state_dict().values()):
+    # the caller's model holds the full weights, those of the run never killed
+    for (k, v), w in zip(straight.items(), killed.state_dict().values()):
         assert torch.equal(v, w), f"{k} differs after the restart"
     # the sharded checkpoint, assembled in this process from the ranks' shards, holds them too
     _check_sharded_checkpoint(tmp_path / "b", result.last_checkpoint, committed, data)
