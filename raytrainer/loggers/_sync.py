@@ -32,6 +32,23 @@ def join(base: str, name: str) -> str:
     return posixpath.join(base.rstrip("/"), name) if "://" in base else os.path.join(base, name)
 
 
+def leaf(name: str, version: int | str | None = None, sub_dir: str | None = None) -> str:
+    """A logger's folder under its save dir, Lightning's layout: ``name[/version_N | /version][/sub_dir]``
+    (no version folder when ``version`` is None: a run's logs stay in its run dir, continued on
+    resume, where Lightning would open the next version_N)."""
+    parts = [name]
+    if version is not None:
+        parts.append(version if isinstance(version, str) else f"version_{version}")
+    if sub_dir is not None:
+        parts.append(str(sub_dir))
+    return "/".join(parts)
+
+
+def prefixed(metrics, prefix: str) -> dict:
+    """Lightning's ``prefix``: ``{prefix}-{key}``."""
+    return {f"{prefix}-{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
+
+
 def resolve_log_dir(log_dir: str, prefix: str) -> tuple[str, str, str | None]:
     """Return ``(log_dir, local_dir, remote_uri)`` for a logger's target directory.
 

@@ -35,16 +35,19 @@ class CSVLogger(Logger):
     locally and uploaded on ``save()``/``finalize()``.
     """
 
-    def __init__(self, save_dir: str | None = None, name: str = "csv",
-                 flush_logs_every_n_steps: int = 100) -> None:
+    def __init__(self, save_dir: str | None = None, name: str = "csv", version: int | str | None = None,
+                 prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
         if flush_logs_every_n_steps < 1:
             raise ValueError(f"flush_logs_every_n_steps must be >= 1, got "
                              f"{flush_logs_every_n_steps}")
         self._save_dir = save_dir
         self._name = name
+        self._version = version
+        self._leaf = _sync.leaf(name, version)  # name[/version_N], as Lightning
+        self._prefix = prefix
         self._flush_every = flush_logs_every_n_steps
         self._storage_options: dict | None = None
-        self._target = _sync.join(save_dir, name) if save_dir is not None else None
+        self._target = _sync.join(save_dir, self._leaf) if save_dir is not None else None
         self._buffer: list[dict[str, Any]] = []  # rows not yet in the file
         self._calls = 0
         self._last_step: int | None = None
@@ -65,6 +68,10 @@ class CSVLogger(Logger):
         return self._name
 
     @property
+    def version(self) -> int | str | None:
+        return self._version
+
+    @property
     def log_dir(self) -> str | None:
         if self._target is None:
             return None
@@ -80,7 +87,7 @@ class CSVLogger(Logger):
         # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
         self._storage_options = dict(storage_options) if storage_options else None
         if self._save_dir is None:
-            target = _sync.join(run_dir, self._name)
+            target = _sync.join(run_dir, self._leaf)
             if target != self._target:
                 self._unbind()
             self._target = target
@@ -110,7 +117,7 @@ class CSVLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self._bind()
         # The logger's step wins over a metric that happens to be called "step" (as Lightning).
-        values = {k: float(v) for k, v in metrics.items() if k != "step"}
+        values = {k: float(v) for k, v in _sync.prefixed(metrics, self._prefix).items() if k != "step"}
         if self._buffer and self._buffer[-1]["step"] == step:
             self._buffer[-1].update(values)
         elif not self._buffer and self._last_row is not None and self._last_row["step"] == step:

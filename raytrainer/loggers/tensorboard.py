@@ -12,19 +12,30 @@ from raytrainer.loggers.base import Logger
 class TensorBoardLogger(Logger):
     """Write scalars and hyperparameters as TensorBoard event files.
 
-    The log dir is ``{save_dir}/{name}``, or ``{run_dir}/{name}`` when ``save_dir`` is None.
+    The log dir is ``{save_dir}/{name}[/version_N][/sub_dir]`` (Lightning's layout; ``version``
+    None: no version folder, the run's logs continue there on resume), under the run dir when
+    ``save_dir`` is None. ``prefix``: metric keys become ``{prefix}-{key}``; ``default_hp_metric``:
+    ``hp_metric`` = -1 logged with the hyperparameters (Lightning's placeholder).
     A remote log dir (``s3://...``) is written to a local staging folder and uploaded on
     ``save()``/``finalize()``. The ``SummaryWriter`` is opened lazily, on first use, and dropped
     when pickled, so a logger travels to Ray workers as a few strings.
     """
 
-    def __init__(self, save_dir: str | None = None, name: str = "tensorboard",
-                 flush_secs: int = 10) -> None:
+    def __init__(self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None,
+                 log_graph: bool = False, default_hp_metric: bool = True, prefix: str = "",
+                 sub_dir: str | None = None, flush_secs: int = 10) -> None:
+        if log_graph:
+            raise ValueError("TensorBoardLogger(log_graph=True) is not supported: call "
+                             "logger.experiment.add_graph(model, example_input) yourself")
         self._save_dir = save_dir
         self._name = name
+        self._version = version
+        self._leaf = _sync.leaf(name, version, sub_dir)  # name[/version_N][/sub_dir], as Lightning
+        self._default_hp_metric = default_hp_metric
+        self._prefix = prefix
         self._flush_secs = flush_secs
         self._storage_options: dict | None = None
-        self._target = _sync.join(save_dir, name) if save_dir is not None else None
+        self._target = _sync.join(save_dir, self._leaf) if save_dir is not None else None
         self._unbind()
         self._purge_step: int | None = None
         self._last_step: int | None = None
@@ -41,6 +52,10 @@ class TensorBoardLogger(Logger):
         return self._name
 
     @property
+    def version(self) -> int | str | None:
+        return self._version
+
+    @property
     def log_dir(self) -> str | None:
         """The log dir as given (a local path, or the remote URI when staging)."""
         if self._target is None:
@@ -52,7 +67,7 @@ class TensorBoardLogger(Logger):
         # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
         self._storage_options = dict(storage_options) if storage_options else None
         if self._save_dir is None:
-            target = _sync.join(run_dir, self._name)
+            target = _sync.join(run_dir, self._leaf)
             if target != self._target:
                 self._close_writer()
                 self._unbind()
@@ -86,7 +101,7 @@ class TensorBoardLogger(Logger):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         writer = self.experiment
-        for key, value in metrics.items():
+        for key, value in _sync.prefixed(metrics, self._prefix).items():
             writer.add_scalar(key, float(value), global_step=step)
         self._last_step = step if self._last_step is None else max(self._last_step, step)
 
@@ -95,8 +110,11 @@ class TensorBoardLogger(Logger):
         """Write the hparams-plugin summaries and ``hparams.yaml``.
 
         ``metrics`` names the scalar tags the HParams dashboard shows next to each run (values,
-        if given, are logged at step 0 as Lightning does).
+        if given, are logged at step 0 as Lightning does); without any, ``hp_metric`` = -1 is the
+        placeholder (``default_hp_metric``, Lightning's).
         """
+        if metrics is None and self._default_hp_metric:
+            metrics = {"hp_metric": -1}
         from tensorboardX.summary import hparams
 
         params = _hparams.redacted(params)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import raytrainer as rt
 from raytrainer.loggers import CSVLogger, TensorBoardLogger
 from raytrainer.loggers._sync import sync_dir_to_remote
 
@@ -58,7 +59,7 @@ def test_tensorboard_scalars_and_hparams_read_back(tmp_path):
     # Everything in the run dir itself: add_hparams would have made a sub-folder.
     assert [p.name for p in (tmp_path / "run" / "tensorboard").iterdir() if p.is_dir()] == []
     ea = _events(logger.log_dir)
-    assert set(ea.Tags()["scalars"]) == {"train_loss", "lr"}
+    assert set(ea.Tags()["scalars"]) == {"train_loss", "lr", "hp_metric"}  # Lightning's placeholder
     loss, lr = _scalars(ea, "train_loss"), _scalars(ea, "lr")
     assert [s for s, _ in loss] == [1, 2, 3, 4, 5]
     assert [v for _, v in loss] == pytest.approx([1.0 / s for s in range(1, 6)], abs=1e-6)
@@ -295,3 +296,32 @@ def test_sync_dir_to_remote_skips_unchanged_files(tmp_path, memfs):
     assert sync_dir_to_remote(str(tmp_path), "memory://r/x", seen) == ["a.txt"]
     assert memfs.cat_file("/r/x/a.txt") == b"aa"
 
+
+
+def test_lightnings_logger_arguments_lay_out_and_name_as_lightning_does(tmp_path):
+    """TensorBoardLogger/CSVLogger(save_dir, name, version, prefix, sub_dir, default_hp_metric):
+    the same folders under save_dir and the same metric names as pytorch-lightning's loggers."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(loggers_mod, root):
+        tb = loggers_mod.TensorBoardLogger(str(root), name="exp", version=3, prefix="p", sub_dir="s")
+        csv_logger = loggers_mod.CSVLogger(str(root), name="tab", version="v", prefix="p")
+        for lg in (tb, csv_logger):
+            if hasattr(lg, "setup"):
+                lg.setup(str(root / "unused"))
+            lg.log_hyperparams({"lr": 0.1})
+            lg.log_metrics({"loss": 1.5}, 2)
+            lg.save()
+            lg.finalize("success")
+        tags = set(EventAccumulator(tb.log_dir).Reload().Tags()["scalars"])
+        with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as f:
+            header = set(f.readline().strip().split(","))
+        return (os.path.relpath(tb.log_dir, root), os.path.relpath(csv_logger.log_dir, root), tags,
+                header - {"epoch"}, (tb.version, csv_logger.version))
+
+    ours, theirs = run(rt.loggers, tmp_path / "ours"), run(pl.loggers, tmp_path / "theirs")
+    assert ours == theirs
+    assert ours[:3] == (os.path.join("exp", "version_3", "s"), os.path.join("tab", "v"), {"p-loss", "p-hp_metric"})
+    with pytest.raises(ValueError, match=r"log_graph=True\) is not supported"):
+        rt.loggers.TensorBoardLogger(log_graph=True)

@@ -217,7 +217,7 @@ def test_default_loggers_write_tensorboard_and_csv(tmp_path):
     assert csv_column(rows, "epoch") == [(1, 0.0), (2, 0.0), (3, 1.0), (5, 1.0)]
 
     # TensorBoard, read back by TensorBoard's own reader: the same scalars at the same steps.
-    assert tb_tags(tb_dir) == {"train_loss", "val_loss", "epoch"}
+    assert tb_tags(tb_dir) == {"train_loss", "val_loss", "epoch", "hp_metric"}  # hp_metric: Lightning's -1
     assert tb_scalars(tb_dir, "train_loss") == [(s, pytest.approx(v)) for s, v in csv_column(rows, "train_loss")]
     assert tb_scalars(tb_dir, "val_loss") == [(s, pytest.approx(v)) for s, v in csv_column(rows, "val_loss")]
     assert tb_scalars(tb_dir, "val_loss")[-1][1] == pytest.approx(result.metrics["val_loss"])
