@@ -40,6 +40,18 @@ class DataModule:
     def hparams(self) -> AttributeDict:
         return self._hparams_store()
 
+    @property
+    def trainer(self):
+        """The Trainer running it, set before ``setup`` (None outside a run), as in Lightning."""
+        return self.__dict__.get("_rt_trainer")
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:
+        self.__dict__["_rt_trainer"] = trainer
+
+    def __getstate__(self) -> dict:  # to Ray workers without the driver's Trainer
+        return {k: v for k, v in self.__dict__.items() if k != "_rt_trainer"}
+
     def prepare_data(self) -> None: ...
     def setup(self, stage: str) -> None: ...
     def teardown(self, stage: str) -> None: ...

@@ -4,6 +4,7 @@ the run in progress (loop/run.py). It holds no loop logic."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,8 @@ class Trainer:
         self._last_out: dict = {}    # what a run in Ray workers sent back
         self._should_stop = False
         self._return_predictions = True  # the predict() call's: read by the run (loop/evaluate.py)
+        # seed_everything(workers=True) before the Trainer: its loaders seed their worker processes
+        self._seed_workers = os.environ.get("PL_SEED_WORKERS") == "1"
 
     def _build_callbacks(self, callbacks) -> list[Callback]:
         if callbacks is None:

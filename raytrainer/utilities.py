@@ -1,11 +1,16 @@
-"""Small helpers shared by the package: attribute dicts, moving batches, seeding, RNG capture,
-and the default visibility of raytrainer's log notices."""
+"""Small helpers shared by the package (and Lightning's utilities users import): attribute dicts,
+moving batches, seeding (``seed_everything``, DataLoader workers), RNG capture,
+``rank_zero_only``/``rank_zero_info``/``rank_zero_warn``, and the default visibility of
+raytrainer's log notices."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 import random
 import sys
+import warnings
 from collections.abc import Mapping  # typing.Mapping's isinstance is ~3x slower (hot path)
 from typing import Any
 
@@ -116,12 +121,58 @@ def describe_batch(batch: Any, depth: int = 0) -> str:
     return type(batch).__name__
 
 
-def seed_everything(seed: int) -> int:
-    """Seed python, numpy and torch (all devices)."""
+def seed_everything(seed: int | None = None, workers: bool = False) -> int:
+    """Seed python, numpy and torch (all devices); returns the seed. ``workers=True`` (Lightning's):
+    a Trainer created afterwards also seeds python's and numpy's RNG in every DataLoader worker
+    process, differently per worker and rank (torch already seeds its own there), where they would
+    otherwise repeat the parent's draws. The flag travels in ``PL_SEED_WORKERS``, as in Lightning."""
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    seed_rngs(seed)
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = "1" if workers else "0"
+    return seed
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed python, numpy and torch (what ``Trainer(seed=...)`` does in every worker)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    return seed
+
+
+def seed_dataloader_worker(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: python's and numpy's RNG from the seed torch gave this
+    worker (the loader's base seed + worker id), mixed with the rank."""
+    rank = global_rank()
+    seed = (torch.initial_seed() + 1_000_003 * rank) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def global_rank() -> int:
+    """This process's rank: torch.distributed's when initialized, else RANK (Ray Train sets it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def rank_zero_only(fn):
+    """Call ``fn`` on global rank 0 only (Lightning's decorator); elsewhere it returns None."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs) if global_rank() == 0 else None
+    return wrapped
+
+
+@rank_zero_only
+def rank_zero_info(message: str, *args, **kwargs) -> None:
+    logging.getLogger("raytrainer").info(message, *args, **kwargs)
+
+
+@rank_zero_only
+def rank_zero_warn(message: str, category=UserWarning, stacklevel: int = 4) -> None:
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def capture_rng_state() -> dict:

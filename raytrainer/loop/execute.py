@@ -14,19 +14,20 @@ import warnings
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from raytrainer import redaction
 from raytrainer.checkpoint.format import checkpoints_root
 from raytrainer.checkpoint.store import load
 from raytrainer.loop.evaluate import run_evaluation
 from raytrainer.loop.fit import fit_loop
-from raytrainer.loop.loaders import TrainData, limited_length, resolve_loaders, shard_eval_loader
+from raytrainer.loop.loaders import TrainData, limited_length, rebuild_dataloader, resolve_loaders, shard_eval_loader
 from raytrainer.loop.preemption import commit_preemption_checkpoint
 from raytrainer.loop.run import Run
 from raytrainer.loop.strategy import apply_determinism
 from raytrainer.module import is_overridden
 from raytrainer.profiler import build_profiler
-from raytrainer.utilities import seed_everything
+from raytrainer.utilities import seed_dataloader_worker, seed_rngs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def execute(trainer, stage: str, module, datamodule, loaders: dict[str, Any], re
     (checkpoint/resume.py), unless the runtime restarted this worker group (``ctx``)."""
     cfg = trainer.cfg
     if cfg.seed is not None:
-        seed_everything(cfg.seed)
+        seed_rngs(cfg.seed)
     restore_determinism = apply_determinism(cfg.deterministic, cfg.benchmark)
     profiler = build_profiler(cfg.profiler if stage == "fit" else None)
     run = Run(trainer, module, ctx, stage, datamodule, profiler)
@@ -70,6 +71,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         _call_datamodule(datamodule, "prepare_data")
         module.prepare_data()
     ctx.barrier()
+    if datamodule is not None:
+        datamodule.trainer = trainer
     _call_datamodule(datamodule, "setup", stage)  # Lightning's order: datamodule, callbacks, module
     for cb in run.callbacks:
         cb.setup(trainer, module, stage)
@@ -78,13 +81,13 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         module.configure_model()
 
     kind = _LOADER_KIND[stage]
-    main = resolve_loaders(kind, loaders.get(kind), datamodule, module)
+    main = _seeding_workers(trainer, resolve_loaders(kind, loaders.get(kind), datamodule, module))
     if main is None:
         raise ValueError(f"{stage} needs data: pass {kind}_dataloaders= / dataloaders=, a datamodule with "
                          f"{kind}_dataloader(), or define {kind}_dataloader() on the module")
     val_loaders: list = []
     if stage == "fit":
-        val_loaders = resolve_loaders("val", loaders.get("val"), datamodule, module) or []
+        val_loaders = _seeding_workers(trainer, resolve_loaders("val", loaders.get("val"), datamodule, module)) or []
         if val_loaders and not is_overridden("validation_step", module, object):
             warnings.warn("validation loaders were given but the module has no validation_step; "
                           "validation is skipped")
@@ -140,6 +143,15 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         lg.finalize("preempted" if run.preempted else "success")
     out.update(global_step=run.progress.global_step, current_epoch=run.progress.current_epoch)
     return out
+
+
+def _seeding_workers(trainer, loaders: list | None) -> list | None:
+    """``seed_everything(workers=True)``: DataLoader worker processes seed python and numpy too."""
+    if not loaders or not trainer._seed_workers:
+        return loaders
+    return [rebuild_dataloader(dl, worker_init_fn=seed_dataloader_worker)
+            if isinstance(dl, DataLoader) and dl.num_workers > 0 and dl.worker_init_fn is None else dl
+            for dl in loaders]
 
 
 def _largest_on_any_rank(ctx, sizes: list[float]) -> list[float]:

@@ -226,3 +226,76 @@ def test_detect_anomaly_and_benchmark_apply_during_the_run_only(tmp_path):
         make_trainer(tmp_path, detect_anomaly=True, benchmark=not before).fit(module, data(4))
     assert module.benchmark is (not before) and torch.backends.cudnn.benchmark is before
     assert not torch.is_anomaly_enabled()
+
+
+class NumpyDraws(torch.utils.data.Dataset):
+    """Each sample: a numpy draw in the worker process that loads it (and the worker's id)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import numpy as np
+        info = torch.utils.data.get_worker_info()
+        return torch.tensor([float(np.random.rand()), float(info.id)]), torch.zeros(1)
+
+
+def test_seed_everything_workers_seeds_numpy_in_loader_workers_and_rank_zero_utilities(tmp_path, monkeypatch):
+    from raytrainer.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+    class Draws(rt.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.draws = nn.Linear(2, 1), []
+
+        def training_step(self, batch, batch_idx):
+            self.draws += [tuple(row.tolist()) for row in batch[0]]
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def draws(workers, rank):
+        monkeypatch.setenv("RANK", str(rank))  # what Ray Train sets in each worker
+        monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
+        rt.seed_everything(7, workers=workers)
+        module = Draws()
+        make_trainer(tmp_path, name=f"w{workers}{rank}").fit(module, DataLoader(NumpyDraws(), batch_size=2,
+                                                                                 num_workers=2))
+        return module.draws
+
+    # torch seeds numpy per worker, but from the same base seed on every rank: every rank's
+    # workers draw the same "random" augmentations. workers=True mixes the rank in (Lightning's).
+    assert draws(False, 0) == draws(False, 1)
+    seeded = draws(True, 0)
+    assert seeded != draws(True, 1) and seeded == draws(True, 0)  # distinct per rank, reproducible
+    monkeypatch.delenv("RANK")
+
+    calls = []
+    assert rank_zero_only(lambda: calls.append(1) or "done")() == "done" and calls == [1]
+    monkeypatch.setenv("RANK", "1")
+    assert rank_zero_only(lambda: calls.append(2))() is None and calls == [1]
+    rank_zero_info("not shown on rank 1")
+    rank_zero_warn("nor this")
+
+
+def test_datamodule_trainer_is_set_before_setup(tmp_path):
+    seen = {}
+
+    def datamodule(base):
+        class Data(base):
+            def setup(self, stage):
+                seen[base.__name__] = (self.trainer is not None, stage == "fit")
+
+            def train_dataloader(self):
+                return data(4)
+
+        return Data()
+
+    module = type("M", (Watches, rt.Module), {})()
+    make_trainer(tmp_path).fit(module, datamodule=datamodule(rt.DataModule))
+    theirs = type("M", (Watches, pl.LightningModule), {})()
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
+        theirs, datamodule=datamodule(pl.LightningDataModule))
+    assert seen == {"DataModule": (True, True), "LightningDataModule": (True, True)}
