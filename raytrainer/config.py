@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from raytrainer import storage
+from raytrainer.callbacks.timer import parse_duration
 from raytrainer.checkpoint.writer import RetryPolicy
 from raytrainer.errors import ConfigError
 from raytrainer.loop.precision import normalize_precision
@@ -77,6 +78,7 @@ class TrainerConfig:
     overfit_batches: int | float = 0.0  # the same N (or fraction of) train batches every epoch, unshuffled
     barebones: bool = False          # no loggers, checkpoints, progress bar, summary, sanity check
     enable_autolog_hparams: bool = True  # the module's hparams to the loggers at fit start
+    max_time: Any = None             # "DD:HH:MM:SS" | timedelta | dict: a Timer stops training then
     given: Mapping[str, Any] = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -161,13 +163,17 @@ def _resolve(**kw: Any) -> dict[str, Any]:
     max_steps = _int("max_steps", kw["max_steps"], -1, "expected -1 (no limit) or an int >= 1")
     if max_steps == 0:
         raise _fail("max_steps", 0, "expected -1 (no limit) or an int >= 1")
+    try:
+        max_time = parse_duration(kw["max_time"])
+    except (TypeError, ValueError) as e:
+        raise _fail("max_time", kw["max_time"], str(e).split(" is invalid: ")[-1]) from None
     max_epochs = kw["max_epochs"]
-    if max_epochs is None:
-        max_epochs = DEFAULT_MAX_EPOCHS if max_steps == -1 else -1
+    if max_epochs is None:  # Lightning's: unlimited epochs when steps or time bound the fit
+        max_epochs = DEFAULT_MAX_EPOCHS if max_steps == -1 and max_time is None else -1
     max_epochs = _int("max_epochs", max_epochs, -1, "expected None, -1 (no limit) or an int >= 1")
     if max_epochs == 0:
         raise _fail("max_epochs", 0, "expected None, -1 (no limit) or an int >= 1")
-    if max_epochs == -1 and max_steps == -1:
+    if max_epochs == -1 and max_steps == -1 and max_time is None:
         raise ConfigError("Trainer(max_epochs=-1, max_steps=-1) would train forever: set one of them")
 
     accelerator = _choice("accelerator", kw["accelerator"], ACCELERATORS)
@@ -276,7 +282,7 @@ def _resolve(**kw: Any) -> dict[str, Any]:
         storage_path=storage.normalize(storage_path),
         storage_options=dict(storage_options), name=name, launcher=launcher,
         max_failures=max_failures, resources_per_worker=rpw, profiler=check_profiler_spec(kw["profiler"]),
-        default_root_dir=storage.normalize(storage_path), **lightning,
+        default_root_dir=storage.normalize(storage_path), max_time=max_time, **lightning,
     )
     if lightning["barebones"]:
         _barebones(kw, resolved)

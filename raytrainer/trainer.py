@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
+from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar, Timer
 from raytrainer.checkpoint.store import list_committed
 from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
@@ -67,7 +67,8 @@ class Trainer:
                  benchmark: bool | None = _D.benchmark, detect_anomaly: bool = _D.detect_anomaly,
                  inference_mode: bool = _D.inference_mode, sync_batchnorm: bool = _D.sync_batchnorm,
                  overfit_batches: int | float = _D.overfit_batches, barebones: bool = _D.barebones,
-                 enable_autolog_hparams: bool = _D.enable_autolog_hparams, **not_supported: Any):
+                 enable_autolog_hparams: bool = _D.enable_autolog_hparams, max_time: Any = _D.max_time,
+                 **not_supported: Any):
         """Lightning's Trainer arguments (same names and meanings), plus where a run goes
         (``storage_path``, ``storage_options``, ``name``), how it runs (``launcher``: "ray" or
         "local"; ``max_failures``, ``resources_per_worker``) and how checkpoints commit
@@ -90,7 +91,8 @@ class Trainer:
             num_nodes=num_nodes, num_sanity_val_steps=num_sanity_val_steps, min_epochs=min_epochs,
             min_steps=min_steps, enable_model_summary=enable_model_summary, benchmark=benchmark,
             detect_anomaly=detect_anomaly, inference_mode=inference_mode, sync_batchnorm=sync_batchnorm,
-            overfit_batches=overfit_batches, barebones=barebones, enable_autolog_hparams=enable_autolog_hparams)
+            overfit_batches=overfit_batches, barebones=barebones, enable_autolog_hparams=enable_autolog_hparams,
+            max_time=max_time)
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
         self._init_kwargs = {**self.cfg.given, "callbacks": callbacks, "logger": logger}
         self.callbacks = self._build_callbacks(callbacks)
@@ -124,6 +126,11 @@ class Trainer:
             callbacks.append(ProgressBar())
         if not self.cfg.enable_progress_bar:
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        if self.cfg.max_time is not None:
+            if any(isinstance(c, Timer) for c in callbacks):
+                log.info("Trainer(max_time=...) ignored: the callbacks already hold a Timer (as Lightning)")
+            else:
+                callbacks.append(Timer(duration=self.cfg.max_time, interval="step"))
         has_summary = any(isinstance(c, ModelSummary) for c in callbacks)
         if self.cfg.enable_model_summary and not has_summary:
             callbacks.append(ModelSummary())
@@ -430,7 +437,6 @@ LIGHTNING_HOOKS_NOT_CALLED = ("configure_sharded_model",)
 
 # Lightning Trainer arguments raytrainer does not implement: refused by name, with the way to go.
 _NOT_SUPPORTED = {
-    "max_time": "stop on a time budget from a callback (trainer.should_stop = True), or bound max_steps",
     "plugins": "precision= selects the precision; storage_path/storage_options the checkpoint storage; "
                "Ray sets up the cluster",
     "reload_dataloaders_every_n_epochs": "exact resume follows one loader per fit; vary the data per epoch in "

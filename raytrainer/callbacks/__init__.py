@@ -6,6 +6,7 @@ from raytrainer.callbacks.model_summary import ModelSummary
 from raytrainer.callbacks.prediction_writer import BasePredictionWriter, TorchPredictionWriter
 from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.callbacks.throughput import ThroughputMonitor
+from raytrainer.callbacks.timer import Timer
 
 __all__ = ["BasePredictionWriter", "Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint",
-           "ModelSummary", "ProgressBar", "ThroughputMonitor", "TorchPredictionWriter"]
+           "ModelSummary", "ProgressBar", "ThroughputMonitor", "Timer", "TorchPredictionWriter"]

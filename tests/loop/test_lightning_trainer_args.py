@@ -188,7 +188,7 @@ def test_attributes_default_root_dir_and_refusals(tmp_path):
     assert trainer.default_root_dir == trainer.cfg.storage_path == str(tmp_path)
     with pytest.raises(ConfigError, match=r"default_root_dir is Lightning's name for storage_path"):
         rt.Trainer(default_root_dir=str(tmp_path), storage_path=str(tmp_path / "other"))
-    for arg, value in (("max_time", "00:01:00:00"), ("plugins", []), ("reload_dataloaders_every_n_epochs", 1)):
+    for arg, value in (("plugins", []), ("reload_dataloaders_every_n_epochs", 1), ("model_registry", "m")):
         with pytest.raises(ConfigError, match=rf"Trainer\({arg}=...\) is a Lightning argument raytrainer does not support"):
             rt.Trainer(**{arg: value})
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_epoch'\]"):
@@ -299,3 +299,60 @@ def test_datamodule_trainer_is_set_before_setup(tmp_path):
                enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
         theirs, datamodule=datamodule(pl.LightningDataModule))
     assert seen == {"DataModule": (True, True), "LightningDataModule": (True, True)}
+
+
+class FakeClock:
+    """time.monotonic for both Timers: one second per training step (set by the module)."""
+    now = 0.0
+
+    @classmethod
+    def monotonic(cls):
+        return cls.now
+
+
+class Ticks:
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(2, 1)
+        self.epoch_ends = []
+
+    def training_step(self, batch, batch_idx):
+        FakeClock.now += 1.0
+        return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+    def on_train_epoch_end(self):
+        self.epoch_ends.append(self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_max_time_stops_where_lightnings_timer_stops_and_the_budget_survives_a_resume(tmp_path, monkeypatch):
+    import pytorch_lightning.callbacks.timer as pl_timer
+
+    import raytrainer.callbacks.timer as rt_timer
+    monkeypatch.setattr(rt_timer, "time", FakeClock)
+    monkeypatch.setattr(pl_timer, "time", FakeClock)
+
+    FakeClock.now = 0.0
+    ours = type("M", (Ticks, rt.Module), {})()
+    trainer = make_trainer(tmp_path, max_epochs=None, max_time={"seconds": 6}, enable_checkpointing=True)
+    trainer.fit(ours, data(8))  # 4 steps per epoch: the budget ends in the middle of epoch 1
+    FakeClock.now = 0.0
+    theirs = type("M", (Ticks, pl.LightningModule), {})()
+    pl_trainer = pl.Trainer(max_time={"seconds": 6}, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    pl_trainer.fit(theirs, data(8))
+    assert (trainer.global_step, trainer.current_epoch) == (pl_trainer.global_step, pl_trainer.current_epoch) == (6, 2)
+    assert ours.epoch_ends == theirs.epoch_ends == [4, 6]  # the stopped epoch's end ran
+    timer = next(c for c in trainer.callbacks if isinstance(c, rt.callbacks.Timer))
+    assert timer.time_elapsed("train") == pytest.approx(6.0)
+
+    # The elapsed time is in the checkpoint: a budget of 9 s leaves 3 steps to the resumed run
+    resumed = type("M", (Ticks, rt.Module), {})()
+    again = make_trainer(tmp_path, max_epochs=None, max_time="00:00:00:09", enable_checkpointing=True)
+    again.fit(resumed, data(8), ckpt_path="last")
+    assert again.global_step == 9
+    with pytest.raises(ConfigError, match=r"max_time='1h'\) is invalid: expected 'DD:HH:MM:SS'"):
+        rt.Trainer(max_time="1h")
