@@ -134,7 +134,8 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                 hooks.on_train_batch_end(outputs, batch, batch_idx)
         metrics.in_step = False
 
-        if window_done and ((progress.batches_stepped + 1) % log_every == 0 or run.should_stop):  # logs_this_step
+        if window_done and ((progress.batches_stepped + 1) % log_every == 0
+                            or (run.should_stop and run.ctx.world_size == 1)):  # Run.logs_this_step
             # The only per-step host syncs, and only every log_every_n_steps steps. Rows carry
             # Lightning's step: the batches that stepped before this one.
             with prof.region(LOGGING):

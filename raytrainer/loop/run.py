@@ -297,8 +297,12 @@ class Run:
             "precision='bf16-mixed' instead of '16-mixed'; resume from the last checkpoint with ckpt_path='last'")
 
     def logs_this_step(self) -> bool:
-        """The training batch in progress logs its step values (Lightning's should_update_logs)."""
-        return (self.progress.batches_stepped + 1) % self.cfg.log_every_n_steps == 0 or self.should_stop
+        """The training batch in progress logs its step values (Lightning's should_update_logs:
+        every log_every_n_steps, and once should_stop is set). With several ranks only the former:
+        logging may reduce across ranks, and should_stop set on one rank alone (a module's own
+        condition) would leave the others out of that collective."""
+        return (self.progress.batches_stepped + 1) % self.cfg.log_every_n_steps == 0 or (
+            self.should_stop and self.ctx.world_size == 1)
 
     def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
         if metrics:
