@@ -90,6 +90,33 @@ class Recorder(rt.Module):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+class HookedRecorder(Recorder):
+    """Lightning's step hooks on Ray workers: an LR warm-up in optimizer_step, a batch-transfer
+    hook, configure_model; what each worker saw goes to its rank file."""
+
+    def __init__(self, out_dir):
+        super().__init__(out_dir=out_dir)
+        self.hooked = {"lrs": [], "transfers": [], "configure_model": 0, "sanity": 0}
+
+    def configure_model(self):
+        self.hooked["configure_model"] += 1
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.hooked["transfers"].append((self.trainer.training, dataloader_idx))
+        self.hooked["sanity"] += self.trainer.sanity_checking
+        return batch
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.05 * min(1.0, (self.trainer.global_step + 1) / 2)
+        self.hooked["lrs"].append(optimizer.param_groups[0]["lr"])
+        optimizer.step(closure=optimizer_closure)
+
+    def on_train_end(self):
+        super().on_train_end()
+        torch.save(self.hooked, os.path.join(self.out_dir, f"hooked{self.global_rank}.pt"))
+
+
 def _trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 2)
     kw.setdefault("devices", 2)
@@ -103,7 +130,7 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     validation set of 101 samples (no even split on 2 workers) is evaluated exactly: every sample
     once, the loss what one process computes (tests/runtime/test_exact_evaluation_ray.py: test and
     predict)."""
-    model = Recorder(out_dir=str(tmp_path))
+    model = HookedRecorder(out_dir=str(tmp_path))
     result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
         model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True), DataLoader(Indexed(101), batch_size=10))
     assert result.metrics["val_count"] == 101
@@ -127,6 +154,13 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
     assert "slowest rank data wait: rank 1" in result.profile["table"]
     assert (tmp_path / "ray" / "profiler" / "simple.txt").exists()
+    # Lightning's hooks ran on both workers: the warm-up, every batch through the transfer hook
+    # (4 training, 2 sanity-check and this rank's validation batches), configure_model once
+    for rank, val_batches in ((0, 6), (1, 5)):  # 101 samples in batches of 10: 11 batches, interleaved
+        hooked = torch.load(tmp_path / f"hooked{rank}.pt")
+        assert hooked["lrs"] == [0.025, 0.05, 0.05, 0.05] and hooked["configure_model"] == 1
+        assert hooked["transfers"].count((True, 0)) == 4 and hooked["sanity"] == 2
+        assert hooked["transfers"].count((False, 0)) == 2 + val_batches
 
 
 def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_cluster, tmp_path):
