@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_trainer
+from row_loggers import row_loggers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,26 +15,7 @@ pl = pytest.importorskip("pytorch_lightning")
 pytestmark = pytest.mark.timeout(120)
 
 
-class Rows:
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def log_metrics(self, metrics, step=None):
-        lr = {k: round(float(v), 8) for k, v in metrics.items() if k.startswith(("lr-", "sched"))}
-        if lr:
-            self.rows.append((step, lr))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-
-class RtRows(Rows, rt.loggers.Logger):
-    pass
-
-
-class PlRows(Rows, pl.loggers.Logger):
-    name, version, experiment = "rows", 0, None
+RtRows, PlRows = row_loggers(pl, keep=lambda key: key.startswith(("lr-", "sched")), digits=8)
 
 
 class Scheduled:

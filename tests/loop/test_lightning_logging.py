@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_trainer
+from row_loggers import row_loggers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,26 +60,7 @@ def _metrics(metrics) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in metrics.items()}
 
 
-class Rows:
-    """A logger recording (step, metrics) rows, for both trainers."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, _metrics(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-
-class RtRows(Rows, rt.loggers.Logger):
-    pass
-
-
-class PlRows(Rows, pl.loggers.Logger):
-    name, version, experiment = "rows", 0, None
+RtRows, PlRows = row_loggers(pl)
 
 
 class Seen:

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from helpers import make_trainer
+from row_loggers import row_loggers
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,24 +25,7 @@ def data(n: int, batch_size: int = 2, seed: int = 0, shuffle: bool = False) -> D
                       batch_size=batch_size, shuffle=shuffle)
 
 
-class Rows:
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, {k: round(float(v), 6) for k, v in metrics.items()}))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-
-class RtRows(Rows, rt.loggers.Logger):
-    pass
-
-
-class PlRows(Rows, pl.loggers.Logger):
-    name, version, experiment = "rows", 0, None
+RtRows, PlRows = row_loggers(pl)
 
 
 class Watches:
