@@ -114,7 +114,6 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
     """``report_queue``: a ray.util.queue.Queue that rank 0 also puts every report in, as
     ``(metrics, checkpoint_uri)`` (a multi-worker sweep trial forwards them to Tune)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg = trainer.cfg
@@ -139,8 +138,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
     # the driver's path; under `ray job submit` the job's working_dir provides them instead.
     worker_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
     own_signals = stage == "fit" and report_queue is None
-    trainer_class = ray_internals.trainer_class_without_sigint_handler() if own_signals else TorchTrainer
-    torch_trainer = trainer_class(
+    torch_trainer = ray_internals.trainer_class(keep_sigint_handler=not own_signals)(
         _train_fn,
         train_loop_config={"job": ray.put(job), "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),

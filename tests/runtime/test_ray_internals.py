@@ -21,11 +21,19 @@ def test_worker_group_callback_hook_and_execute_exist():
     assert isinstance(callback, WorkerGroupCallback)
 
 
-def test_torch_trainer_sigint_handler_is_the_method_we_replace():
+def test_torch_trainer_sigint_handler_and_default_callbacks_are_the_methods_we_replace():
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     assert list(inspect.signature(TorchTrainer._register_sigint_handler).parameters) == ["self", "controller"]
-    fit_trainer = ray_internals.trainer_class_without_sigint_handler()
+    fit_trainer = ray_internals.trainer_class(keep_sigint_handler=False)
     assert issubclass(fit_trainer, TorchTrainer) and fit_trainer._register_sigint_handler(None, None) is None
+    assert ray_internals.trainer_class(True)._register_sigint_handler is TorchTrainer._register_sigint_handler
+
+    def kinds(datasets):  # the callbacks a run is built with (no Ray needed to build them)
+        trainer = ray_internals.trainer_class(True)(lambda: None, datasets=datasets)
+        return {type(cb) for cb in trainer._create_default_callbacks()}
+    assert DatasetsCallback not in kinds(None)  # no dataset: no DatasetManager actor
+    assert DatasetsCallback in kinds({"train": lambda: None})  # a dataset factory: Ray not started
 
 
 @pytest.mark.ray
