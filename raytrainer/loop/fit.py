@@ -75,7 +75,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
         it = run.epoch_iterator(train)
 
     n = run.num_training_batches
-    accumulate, log_every = cfg.accumulate_grad_batches, cfg.log_every_n_steps
+    accumulate = cfg.accumulate_grad_batches
     automatic = module.automatic_optimization
     data_region = prof.region(DATA_NEXT)
     batch_idx = start
@@ -134,8 +134,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                 hooks.on_train_batch_end(outputs, batch, batch_idx)
         metrics.in_step = False
 
-        if window_done and ((progress.batches_stepped + 1) % log_every == 0
-                            or (run.should_stop and run.ctx.world_size == 1)):  # Run.logs_this_step
+        if window_done and run.logs_this_step():
             # The only per-step host syncs, and only every log_every_n_steps steps. Rows carry
             # Lightning's step: the batches that stepped before this one.
             with prof.region(LOGGING):
