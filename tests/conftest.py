@@ -64,9 +64,10 @@ def pytest_collection_modifyitems(session, config, items):
     then have the 2 cores to themselves (the multi-node job: 80-90 s alone, 115 s beside an idle
     session Ray). The rest keeps its order (a stable sort).
 
-    The suite runs in one process on purpose: run beside the Ray tests (pytest-xdist, two
-    processes, the in-process ones at nice 19), the in-process tests made the Ray tests up to 2.7x
-    slower and the suite no faster (751-785 s against 762 s), on 2 cores nearly all CPU-bound."""
+    The Ray tests run in one process, after the in-process ones (`make test`: two phases; only
+    the in-process phase uses pytest-xdist): run beside the Ray tests (two processes, the
+    in-process ones at nice 19), the in-process tests made the Ray tests up to 2.7x slower and
+    the suite no faster (751-785 s against 762 s), on 2 cores nearly all CPU-bound."""
     def own_ray_first(item) -> bool:
         return not (item.get_closest_marker("ray") and "ray_cluster" not in item.fixturenames)
     items.sort(key=own_ray_first)

@@ -4,9 +4,9 @@ Embedded local Ray when none is running and ``RAY_ADDRESS`` is unset; the cluste
 under ``ray job submit``). Fast defaults (RAY_NOTES.md): the controller polls workers every 0.1 s
 instead of 2 s, Ray's print patch (each worker line twice) is off, and a driver blocked in
 ``ray.get`` sees a signal within 0.1 s. They are environment variables that Ray reads when it
-starts processes, so they are set only around the calls that start them (``ray.init``, a Ray
-Train run) and put back after: the caller's environment keeps what it had. A value the user set
-wins.
+starts processes, so they are set only around the calls that start them (``ray.init`` of an
+embedded cluster, whose processes then all inherit them; a Ray Train run on a cluster that lacks
+them) and put back after: the caller's environment keeps what it had. A value the user set wins.
 """
 from __future__ import annotations
 
@@ -89,25 +89,42 @@ def ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    # The dashboard hosts the state API, which Ray Train's placement-group cleaner (and Tune's)
-    # needs to release the resources of a run whose controller died.
-    # Actors of an embedded Ray (Tune trials, Train workers) import the driver's modules —
-    # scripts, tests, notebooks — from the driver's path.
-    runtime_env = None if address else {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
+    # The dashboard hosts the state API, which Tune's placement-group cleaner (Ray Train's, in a
+    # sweep) needs to release the resources of a trial whose controller died.
+    # An embedded cluster's processes inherit the fast settings and the driver's import path from
+    # its raylet (actors import the driver's modules: scripts, tests, notebooks), through the
+    # environment rather than a runtime_env: Ray starts a process that has a runtime_env through
+    # its setup_worker.py, a second Python start that imports ray (~1 CPU-second per actor here).
+    started_with = ray_settings() if address else {**ray_settings(), "PYTHONPATH": driver_pythonpath()}
     # A new local Ray (2.60) turns token authentication on and logs a WARNING saying so on every
     # start: good news, not a problem. Dropped; auth stays on. (RAY_AUTH_MODE=token instead is not
     # the same: Ray then writes no token for its own processes and they cannot connect.)
-    # The processes ray.init starts inherit the settings (an embedded cluster's workers too).
-    with environment(ray_settings()), \
+    with environment(started_with), \
             log_notice_dropped(TOKEN_AUTH_LOGGER, "Token authentication is enabled for this Ray cluster"):
         ray.init(address=address, include_dashboard=None if address else True,
-                 logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
+                 logging_level=logging.WARNING, log_to_driver=True)
     try:
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = False
     except Exception:  # pragma: no cover - ray.data is optional for Train
         pass
     return address is None
+
+
+def run_environment(cluster_env: dict[str, str | None]) -> tuple[dict[str, str], dict | None]:
+    """What a Ray Train run adds to the environment its processes get from the cluster
+    (``cluster_env``: the values of ``ray_settings()``'s keys and PYTHONPATH in an actor without a
+    runtime_env): the settings the cluster lacks, to be set in the driver for the run (Ray Train
+    propagates them to its controller and workers); and a runtime_env for the workers when the
+    cluster's PYTHONPATH does not cover the driver's (``None`` otherwise, and under ``ray job
+    submit``, whose working_dir provides the modules). Each runtime_env costs a Python start."""
+    settings = {k: v for k, v in ray_settings().items() if cluster_env.get(k) != v}
+    if os.environ.get("RAY_ADDRESS"):
+        return settings, None
+    wanted = driver_pythonpath()
+    have = (cluster_env.get("PYTHONPATH") or "").split(os.pathsep)
+    covered = set(filter(None, wanted.split(os.pathsep))) <= set(have)
+    return settings, None if covered else {"env_vars": {"PYTHONPATH": wanted}}
 
 
 def driver_pythonpath() -> str:

@@ -1,9 +1,15 @@
 """The driver's end of a Ray fit: a small actor where workers leave their results and errors and
 the driver leaves a stop request; and how an exception crosses from a worker to the driver with
-its own type, message and the worker's traceback."""
+its own type, message and the worker's traceback.
+
+One mailbox actor serves every fit of the process that calls ``fit`` (a script, a notebook, a
+Tune trial): a new actor per fit cost a process start (~1 CPU-second here, on every fit). Each fit
+has its own channel in it, named by the fit's token. The actor is owned by that process and dies
+with it, which is what workers rely on to tell a dead driver from a slow one."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import traceback
 from typing import Any
@@ -15,41 +21,96 @@ ray = import_ray()
 
 @ray.remote(num_cpus=0)
 class Mailbox:
-    """The driver's end of a fit: workers leave results and errors here, the driver leaves a stop
-    request. An async actor, so rank 0 can wait on the stop request (``wait_for_stop``) and hear
-    of a Ctrl-C at once instead of at its next poll, while other calls are still answered."""
+    """Channels by fit token: workers leave results and errors, the driver leaves a stop request.
+    An async actor, so rank 0 can wait on the stop request (``wait_for_stop``) and hear of a
+    Ctrl-C at once instead of at its next poll, while other calls are still answered."""
 
     def __init__(self):
-        self.items: dict[str, Any] = {}
-        self._stop: asyncio.Event | None = None  # made on first use, in the actor's event loop
+        self.items: dict[str, dict[str, Any]] = {}
+        self._stops: dict[str, asyncio.Event] = {}  # made on first use, in the actor's event loop
 
-    def _stop_event(self) -> asyncio.Event:
-        if self._stop is None:
-            self._stop = asyncio.Event()
-        return self._stop
+    def _stop_event(self, token: str) -> asyncio.Event:
+        return self._stops.setdefault(token, asyncio.Event())
 
-    async def put(self, key: str, value: Any) -> None:
-        self.items.setdefault(key, value)
+    async def put(self, token: str, key: str, value: Any) -> None:
+        self.items.setdefault(token, {}).setdefault(key, value)
         if key == "stop":
-            self._stop_event().set()
+            self._stop_event(token).set()
 
-    async def get(self, key: str) -> Any:
-        return self.items.get(key)
+    async def get(self, token: str, key: str) -> Any:
+        return self.items.get(token, {}).get(key)
 
-    async def wait_for_stop(self, timeout_s: float) -> Any:
+    async def wait_for_stop(self, token: str, timeout_s: float) -> Any:
         """The stop request once there is one, or None after ``timeout_s``."""
         try:
-            await asyncio.wait_for(self._stop_event().wait(), timeout_s)
+            await asyncio.wait_for(self._stop_event(token).wait(), timeout_s)
         except asyncio.TimeoutError:
             return None
-        return self.items.get("stop")
+        return self.items.get(token, {}).get("stop")
 
-    async def drop_errors(self) -> None:
+    async def drop_errors(self, token: str) -> None:
         """A restarted worker group starts clean: the failure that ends the fit is its own."""
-        self.items = {k: v for k, v in self.items.items() if not k.startswith("error/")}
+        channel = self.items.get(token, {})
+        self.items[token] = {k: v for k, v in channel.items() if not k.startswith("error/")}
 
-    async def get_all(self) -> dict[str, Any]:
-        return self.items
+    async def get_all(self, token: str) -> dict[str, Any]:
+        return self.items.get(token, {})
+
+    async def environ(self, keys: list[str]) -> dict[str, str | None]:
+        """The environment an actor without a runtime_env gets on this cluster (these keys)."""
+        import os
+        return {k: os.environ.get(k) for k in keys}
+
+    async def close(self, token: str) -> dict[str, Any]:
+        """Everything the fit left, and the channel gone."""
+        self._stops.pop(token, None)
+        return self.items.pop(token, {})
+
+
+class FitMailbox:
+    """One fit's channel in its driver's mailbox: what workers and the driver hold (picklable)."""
+
+    def __init__(self, actor, token: str):
+        self.actor, self.token = actor, token
+
+    def put(self, key: str, value: Any):
+        return self.actor.put.remote(self.token, key, value)
+
+    def get(self, key: str):
+        return self.actor.get.remote(self.token, key)
+
+    def wait_for_stop(self, timeout_s: float):
+        return self.actor.wait_for_stop.remote(self.token, timeout_s)
+
+    def drop_errors(self):
+        return self.actor.drop_errors.remote(self.token)
+
+    def get_all(self):
+        return self.actor.get_all.remote(self.token)
+
+    def close(self):
+        return self.actor.close.remote(self.token)
+
+    def environ(self, keys: list[str]):
+        return self.actor.environ.remote(keys)
+
+
+def open_mailbox(token: str) -> FitMailbox:
+    """This process's mailbox, with a channel for the fit ``token``."""
+    context = ray.get_runtime_context()
+    return FitMailbox(_process_mailbox(context.get_job_id(), context.get_worker_id()), token)
+
+
+@functools.lru_cache(maxsize=4)
+def _process_mailbox(job_id: str, worker_id: str):
+    """The mailbox of this process in this Ray session (the key), started on first use on this
+    node: it then lives exactly as long as this process (a 0-CPU actor elsewhere would die with
+    its node). The cache holds the handle on purpose: Ray ends an actor, even a named one, once no
+    handle to it is left, and it must outlive each fit."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return Mailbox.options(name=f"raytrainer-mailbox-{worker_id}", get_if_exists=True,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(
+                               node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
 
 
 def pack_error(e: BaseException, rank: int) -> dict:

@@ -106,7 +106,7 @@ def _poll_driver(stop_source, flag: StopFlag, wait_s: float = 5.0, retry_s: floa
     import ray
     while flag.reason is None:
         try:
-            reason = ray.get(stop_source.wait_for_stop.remote(wait_s), timeout=wait_s + 10)
+            reason = ray.get(stop_source.wait_for_stop(wait_s), timeout=wait_s + 10)
         except Exception:  # the driver is gone or slow: the worker group is torn down anyway
             time.sleep(retry_s)
             continue

@@ -9,8 +9,9 @@ Ray upgrade moves it). Everything else uses Ray's public API only.
   thread, where signal handlers live, after each (re)start of the group.
 - ``TorchTrainer._register_sigint_handler``: Ray Train's Ctrl-C handler (abort, no checkpoint),
   which raytrainer replaces with its own (stop at an agreed step with a committed checkpoint).
-- ``DataParallelTrainer._create_default_callbacks`` and ``DatasetsCallback``: a run without Ray
-  Datasets starts no dataset actor.
+- ``DataParallelTrainer._create_default_callbacks``, ``DatasetsCallback`` and
+  ``PlacementGroupCleanerCallback``: a run without Ray Datasets starts no dataset actor; a fit
+  whose driver removes its placement group itself starts no cleaner actor.
 - The names of loggers whose notices about a healthy run are noise to users.
 """
 from __future__ import annotations
@@ -49,36 +50,55 @@ def execution_index(ds: Any) -> int:
     return ds.context._execution_idx
 
 
-def worker_group_callback(on_start: Callable[[], Any]):
+def worker_group_callback(on_start: Callable[[], Any] | None, on_placement_group: Callable[[Any], Any] | None = None):
     """A Ray Train callback that runs ``on_start`` on every worker actor's main thread after the
-    worker group (re)starts, before the training function does."""
+    worker group (re)starts, before the training function does; and, in the controller, hands
+    ``on_placement_group`` the group's placement group."""
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
     class OnWorkerGroupStart(WorkerGroupCallback):
         def after_worker_group_start(self, worker_group) -> None:
-            worker_group.execute(on_start)
+            if on_placement_group is not None:
+                on_placement_group(worker_group.get_worker_group_state().placement_group_handle.placement_group)
+            if on_start is not None:
+                worker_group.execute(on_start)
 
     return OnWorkerGroupStart()
 
 
 @functools.lru_cache(maxsize=None)
-def trainer_class(keep_sigint_handler: bool):
+def trainer_class(keep_sigint_handler: bool, keep_placement_group_cleaner: bool):
     """``TorchTrainer`` without a dataset actor when it is given no Ray Dataset (Ray Train 2.60
     starts a ``DatasetManager`` actor for every run: a process, ~1.8 CPU-seconds per fit measured
-    here, for nothing); with ``keep_sigint_handler=False`` its ``fit()`` also leaves the caller's
-    SIGINT handler in place."""
+    here, for nothing). With ``keep_sigint_handler=False`` its ``fit()`` also leaves the caller's
+    SIGINT handler in place. With ``keep_placement_group_cleaner=False`` it starts no
+    ``PlacementGroupCleaner`` (a detached actor per run, ~2 CPU-seconds per fit here, that removes
+    the workers' placement group if the controller dies): for a caller that removes it itself
+    (runtime/ray_train.py), which a Tune trial cannot, since Tune kills it with its controller."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    dropped = () if keep_placement_group_cleaner else (PlacementGroupCleanerCallback,)
 
     class LeanTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+            unwanted = dropped if self.datasets else (*dropped, DatasetsCallback)
+            return [cb for cb in callbacks if not isinstance(cb, unwanted)]
 
         if not keep_sigint_handler:
             def _register_sigint_handler(self, controller) -> None:
                 pass
 
     return LeanTrainer
+
+
+def remove_placement_group_left(placement_group) -> bool:
+    """Remove ``placement_group`` unless Ray has already; True if it was still there (its
+    controller died without removing it)."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+    if placement_group_table(placement_group).get("state") in (None, "REMOVED"):  # None: unknown to Ray
+        return False
+    remove_placement_group(placement_group)
+    return True

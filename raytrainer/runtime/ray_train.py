@@ -20,8 +20,8 @@ from raytrainer.errors import ConfigError
 from raytrainer.loop.execute import execute
 from raytrainer.loop.preemption import StopFlag
 from raytrainer.runtime import ray_internals
-from raytrainer.runtime.cluster import driver_pythonpath, ensure_ray, environment, import_ray, ray_settings
-from raytrainer.runtime.mailbox import Mailbox, pack_error, unpack_error
+from raytrainer.runtime.cluster import ensure_ray, environment, import_ray, ray_settings, run_environment
+from raytrainer.runtime.mailbox import open_mailbox, pack_error, unpack_error
 from raytrainer.runtime.preflight import log_resolved
 from raytrainer.runtime.ray_context import RayTrainContext
 from raytrainer.runtime.ray_data import data_config, materialize, split_ray_datasets
@@ -43,7 +43,7 @@ def _train_fn(config: dict) -> None:
                           stop_source=mailbox if stage == "fit" else None,
                           report_queue=job.get("report_queue"))
     if ctx.global_rank == 0:
-        ray.get(mailbox.drop_errors.remote())
+        ray.get(mailbox.drop_errors())
     sigterm = worker_sigterm() if stage == "fit" else None
     if sigterm is not None:
         sigterm.driver_alive = functools.partial(_alive, mailbox)
@@ -52,13 +52,13 @@ def _train_fn(config: dict) -> None:
         out = execute(trainer, stage, module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
                       job["resume_uri"], ctx)
     except BaseException as e:
-        ray.get(mailbox.put.remote(f"error/{ctx.global_rank:05d}", pack_error(e, ctx.global_rank)))
+        ray.get(mailbox.put(f"error/{ctx.global_rank:05d}", pack_error(e, ctx.global_rank)))
         raise
     finally:
         if sigterm is not None:
             sigterm.training.clear()
     if "predictions" in out:  # every rank's part; the driver puts them in order (merge_predictions)
-        ray.get(mailbox.put.remote(f"predictions/{ctx.global_rank:05d}", pickle.dumps(out.pop("predictions"))))
+        ray.get(mailbox.put(f"predictions/{ctx.global_rank:05d}", pickle.dumps(out.pop("predictions"))))
     # Gathering the full weights is a collective under FSDP: every rank takes part.
     weights = trainer.strategy.model_state_dict() if stage == "fit" else None
     if ctx.global_rank == 0:
@@ -68,18 +68,33 @@ def _train_fn(config: dict) -> None:
         out["log_dir"] = trainer.log_dir
         # As opaque bytes: unpickling tensors in the mailbox would make it import torch (~0.8 s
         # at the end of every fit); only the driver unpickles.
-        ray.get(mailbox.put.remote("result", pickle.dumps(out)))
+        ray.get(mailbox.put("result", pickle.dumps(out)))
 
 
 def _alive(mailbox) -> bool:
     """Whether the driver's mailbox (which lives as long as the process that called fit) answers."""
     try:
-        ray.get(mailbox.get.remote("stop"), timeout=5)
+        ray.get(mailbox.get("stop"), timeout=5)
         return True
     except ray.exceptions.GetTimeoutError:
         return True  # slow, not gone: treat the SIGTERM as meant for this worker
     except Exception:
         return False
+
+
+def _register_placement_group(mailbox, placement_group) -> None:
+    """In Ray Train's controller, after each (re)start of the worker group."""
+    ray.get(mailbox.put(f"placement_group/{placement_group.id.hex()}", placement_group))
+
+
+def _remove_placement_groups_left(items: dict) -> None:
+    """A controller that died (killed, out of memory) leaves its workers' placement group behind,
+    holding their CPUs/GPUs until this process exits: remove it."""
+    for key, placement_group in items.items():
+        if key.startswith("placement_group/") and ray_internals.remove_placement_group_left(placement_group):
+            logging.getLogger("raytrainer.runtime").warning(
+                "Ray Train's controller ended without removing its workers' placement group %s; removed it.",
+                placement_group.id.hex())
 
 
 def worker_layout(cfg, cluster_gpus: int) -> tuple[bool, int]:
@@ -114,31 +129,33 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
     """``report_queue``: a ray.util.queue.Queue that rank 0 also puts every report in, as
     ``(metrics, checkpoint_uri)`` (a multi-worker sweep trial forwards them to Tune)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg = trainer.cfg
     ensure_ray()
     use_gpu, num_workers = worker_layout(cfg, int(ray.cluster_resources().get("GPU", 0)))
     datasets, loaders = split_ray_datasets(stage, trainer, datamodule, loaders, num_workers)
     per_worker = _resources(cfg, use_gpu, num_workers, bool(datasets))
-    settings = ray_settings()
+    wanted = ray_settings()
     log_resolved(trainer, stage, f"launcher=ray workers={num_workers} use_gpu={use_gpu} "
                                  f"resources_per_worker={per_worker} ray_poll_s="
-                                 f"{settings['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
+                                 f"{wanted['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
     fit_token = uuid.uuid4().hex
     job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
            "resume_uri": resume_uri, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token,
            "report_queue": report_queue}
-    # On the driver's own node: it lives exactly as long as the driver. Anywhere else (a 0-CPU
-    # actor can land on any node) the loss of a worker node would take the results with it.
-    mailbox = Mailbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    mailbox = open_mailbox(fit_token)
     ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
-    # On a local cluster, workers import the driver's modules (scripts, tests, notebooks) from
-    # the driver's path; under `ray job submit` the job's working_dir provides them instead.
-    worker_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": driver_pythonpath()}}
+    # Workers import the driver's modules (scripts, tests, notebooks) from the driver's path (on
+    # an embedded cluster they have it from the start; under `ray job submit` the job's
+    # working_dir provides them), and Ray Train runs with our settings unless the cluster has them.
+    settings, worker_env = run_environment(ray.get(mailbox.environ([*wanted, "PYTHONPATH"])))
     own_signals = stage == "fit" and report_queue is None
-    torch_trainer = ray_internals.trainer_class(keep_sigint_handler=not own_signals)(
+    # The workers' placement group: Ray Train's controller removes it when the run ends; if the
+    # controller dies instead, this process does (below). A Tune trial cannot (Tune kills it with
+    # the controller), so there Ray Train's own cleaner actor stays.
+    in_tune_trial = report_queue is not None
+    torch_trainer = ray_internals.trainer_class(keep_sigint_handler=not own_signals,
+                                                keep_placement_group_cleaner=in_tune_trial)(
         _train_fn,
         train_loop_config={"job": ray.put(job), "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
@@ -148,14 +165,15 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
                              worker_runtime_env=worker_env,
                              logging_config=LoggingConfig(log_level="WARNING"),
                              # Each (re)started worker group: SIGTERM commits a checkpoint first.
-                             callbacks=[ray_internals.worker_group_callback(install_worker_sigterm_handler)]
-                             if stage == "fit" else None),
+                             callbacks=[ray_internals.worker_group_callback(
+                                 install_worker_sigterm_handler if stage == "fit" else None,
+                                 on_placement_group=functools.partial(_register_placement_group, mailbox))]),
         datasets=datasets or None,
         dataset_config=data_config(datasets, cfg, fit_token, resume_uri) if datasets else None,
     )
 
     def tell_workers(reason: str) -> None:  # from a signal handler: no Ray call in the handler
-        threading.Thread(target=lambda: mailbox.put.remote("stop", reason), daemon=True).start()
+        threading.Thread(target=lambda: mailbox.put("stop", reason), daemon=True).start()
 
     try:
         # SIGTERM / Ctrl-C here: the workers stop at an agreed step with a committed checkpoint
@@ -169,15 +187,16 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
                 handlers_restored(signal.SIGINT), environment(settings):
             torch_trainer.fit()
     except Exception:
-        errors = ray.get(mailbox.get_all.remote())
+        errors = ray.get(mailbox.get_all())
         worker_errors = sorted((v for k, v in errors.items() if k.startswith("error/")), key=lambda e: e["time"])
         if worker_errors:
             # The first error raised is the cause; the others are ranks losing their peers.
             raise unpack_error(worker_errors[0]) from None
         raise
     finally:
-        items = ray.get(mailbox.get_all.remote())
-        ray.kill(mailbox)
+        items = ray.get(mailbox.close())
+        if not in_tune_trial:
+            _remove_placement_groups_left(items)
     out = pickle.loads(items["result"])  # written by our own rank 0 (see _train_fn)
     if any(k.startswith("predictions/") for k in items):
         out["predictions"] = [pickle.loads(v) for k, v in sorted(items.items()) if k.startswith("predictions/")]

@@ -19,21 +19,31 @@ def test_worker_group_callback_hook_and_execute_exist():
     assert callable(getattr(WorkerGroup, "execute", None))
     callback = ray_internals.worker_group_callback(lambda: None)
     assert isinstance(callback, WorkerGroupCallback)
+    # where the controller-side callback finds the workers' placement group
+    from ray.train.v2._internal.execution.worker_group.placement_group_handle import PlacementGroupHandle
+    from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
+    assert callable(getattr(WorkerGroup, "get_worker_group_state", None))
+    assert "placement_group_handle" in inspect.signature(WorkerGroupState).parameters
+    assert isinstance(inspect.getattr_static(PlacementGroupHandle, "placement_group"), property)
 
 
 def test_torch_trainer_sigint_handler_and_default_callbacks_are_the_methods_we_replace():
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     assert list(inspect.signature(TorchTrainer._register_sigint_handler).parameters) == ["self", "controller"]
-    fit_trainer = ray_internals.trainer_class(keep_sigint_handler=False)
+    fit_trainer = ray_internals.trainer_class(keep_sigint_handler=False, keep_placement_group_cleaner=False)
     assert issubclass(fit_trainer, TorchTrainer) and fit_trainer._register_sigint_handler(None, None) is None
-    assert ray_internals.trainer_class(True)._register_sigint_handler is TorchTrainer._register_sigint_handler
+    assert ray_internals.trainer_class(True, True)._register_sigint_handler is TorchTrainer._register_sigint_handler
 
-    def kinds(datasets):  # the callbacks a run is built with (no Ray needed to build them)
-        trainer = ray_internals.trainer_class(True)(lambda: None, datasets=datasets)
+    def kinds(datasets, keep_cleaner=True):  # the callbacks a run is built with (no Ray needed to build them)
+        trainer = ray_internals.trainer_class(True, keep_cleaner)(lambda: None, datasets=datasets)
         return {type(cb) for cb in trainer._create_default_callbacks()}
     assert DatasetsCallback not in kinds(None)  # no dataset: no DatasetManager actor
     assert DatasetsCallback in kinds({"train": lambda: None})  # a dataset factory: Ray not started
+    assert PlacementGroupCleanerCallback in kinds(None)
+    assert PlacementGroupCleanerCallback not in kinds(None, keep_cleaner=False)
+    assert DatasetsCallback in kinds({"train": lambda: None}, keep_cleaner=False)
 
 
 @pytest.mark.ray

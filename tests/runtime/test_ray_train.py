@@ -254,3 +254,37 @@ def test_ray_dataset_on_the_local_launcher(ray_cluster, tmp_path):
         model, rt.RayDataLoader(ds, batch_size=10, dtypes={"x": torch.float32, "y": torch.float32, "i": torch.int64}))
     assert result.global_step == 10
     assert sorted(model.seen) == sorted(list(range(50)) * 2)
+
+
+class KillsTheController(Recorder):
+    """Rank 0 kills Ray Train's controller process (as the OOM killer would) at its second step."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 0 and batch_idx == 1:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f.read().startswith(b"ray::TrainController"):
+                            os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_dead_controller_leaves_no_placement_group_and_one_mailbox_serves_every_fit(ray_cluster, tmp_path):
+    """raytrainer starts no placement-group cleaner actor per fit (Ray Train's costs a process):
+    when the controller dies, the driver removes the workers' placement group itself, so their
+    CPUs come back for the next fit. And the driver's mailbox actor is one for all its fits."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group_table
+    with pytest.raises(ray.exceptions.RayActorError):
+        _trainer(tmp_path, max_epochs=1).fit(KillsTheController(), DataLoader(Indexed(), batch_size=8))
+    assert {pg["state"] for pg in placement_group_table().values()} <= {"REMOVED"}
+    deadline = time.monotonic() + 30  # the workers die with their controller, their CPUs come back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    mailboxes = [name for name in ray.util.list_named_actors() if name.startswith("raytrainer-mailbox-")]
+    assert mailboxes == [f"raytrainer-mailbox-{ray.get_runtime_context().get_worker_id()}"]
