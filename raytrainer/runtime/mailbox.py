@@ -9,6 +9,7 @@ with it, which is what workers rely on to tell a dead driver from a slow one."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
 import traceback
@@ -28,11 +29,16 @@ class Mailbox:
     def __init__(self):
         self.items: dict[str, dict[str, Any]] = {}
         self._stops: dict[str, asyncio.Event] = {}  # made on first use, in the actor's event loop
+        # Fits that ended: a dying worker's late call must not open their channel again (a leak
+        # per fit in a long-lived process). Bounded: only calls racing a fit's end need it.
+        self._closed: collections.deque[str] = collections.deque(maxlen=256)
 
     def _stop_event(self, token: str) -> asyncio.Event:
         return self._stops.setdefault(token, asyncio.Event())
 
     async def put(self, token: str, key: str, value: Any) -> None:
+        if token in self._closed:
+            return
         self.items.setdefault(token, {}).setdefault(key, value)
         if key == "stop":
             self._stop_event(token).set()
@@ -42,6 +48,9 @@ class Mailbox:
 
     async def wait_for_stop(self, token: str, timeout_s: float) -> Any:
         """The stop request once there is one, or None after ``timeout_s``."""
+        if token in self._closed:  # the fit is over; answering at once would make the caller spin
+            await asyncio.sleep(timeout_s)
+            return None
         try:
             await asyncio.wait_for(self._stop_event(token).wait(), timeout_s)
         except asyncio.TimeoutError:
@@ -63,6 +72,7 @@ class Mailbox:
 
     async def close(self, token: str) -> dict[str, Any]:
         """Everything the fit left, and the channel gone."""
+        self._closed.append(token)
         self._stops.pop(token, None)
         return self.items.pop(token, {})
 
