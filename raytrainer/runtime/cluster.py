@@ -19,6 +19,8 @@ from typing import Iterator
 
 from raytrainer.runtime.ray_internals import TOKEN_AUTH_LOGGER
 
+WARN_BLOCKING_GET = "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"
+
 FAST_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  # A driver blocked in ray.get checks for signals this often (Ray: 1000 ms). A
                  # signal landing on another thread, as a Jupyter kernel's interrupt does, waited up
@@ -31,6 +33,11 @@ def ray_settings() -> dict[str, str]:
     on an embedded cluster (one node, nothing to preempt) no preemption watcher, which would only
     add an alarming log line."""
     settings = {k: os.environ.get(k, v) for k, v in FAST_DEFAULTS.items()}
+    # Ray Train gives its controller this value (no warning about the controller's own blocking
+    # calls) through a runtime_env, which costs a second Python start for the controller and
+    # every actor it starts; a cluster that has it in its environment spares them that
+    # (runtime/ray_internals.py). Users' own async actors on an embedded Ray do not warn either.
+    settings[WARN_BLOCKING_GET] = os.environ.get(WARN_BLOCKING_GET, "0")
     if not os.environ.get("RAY_ADDRESS"):
         settings["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return settings

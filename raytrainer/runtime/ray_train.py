@@ -148,7 +148,8 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
     # Workers import the driver's modules (scripts, tests, notebooks) from the driver's path (on
     # an embedded cluster they have it from the start; under `ray job submit` the job's
     # working_dir provides them), and Ray Train runs with our settings unless the cluster has them.
-    settings, worker_env = run_environment(ray.get(mailbox.environ([*wanted, "PYTHONPATH"])))
+    cluster_env = ray.get(mailbox.environ(sorted({*wanted, *ray_internals.controller_env_keys(), "PYTHONPATH"})))
+    settings, worker_env = run_environment(cluster_env)
     own_signals = stage == "fit" and report_queue is None
     # The workers' placement group: Ray Train's controller removes it when the run ends; if the
     # controller dies instead, this process does (below). A Tune trial cannot (Tune kills it with
@@ -157,6 +158,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
     torch_trainer = ray_internals.trainer_class(keep_sigint_handler=not own_signals,
                                                 keep_placement_group_cleaner=in_tune_trial)(
         _train_fn,
+        cluster_environment=cluster_env,
         train_loop_config={"job": ray.put(job), "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name="_ray", storage_path=ray_storage, storage_filesystem=ray_fs,

@@ -61,3 +61,29 @@ def test_the_loggers_we_quiet_exist_in_ray():
         module = importlib.import_module(name)  # each logs through logging.getLogger(__name__)
         assert module.logger is logging.getLogger(name)
     assert ray_internals.train_report_logger_name().endswith("context.py")
+
+
+def test_runtime_envs_are_left_out_where_the_values_are_inherited(monkeypatch):
+    """Ray Train hands its controller and workers its settings as a runtime_env (a second Python
+    start per process); the lean classes hand on only what the process would not inherit."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    assert list(inspect.signature(DataParallelTrainer._initialize_and_run_controller).parameters) == \
+        ["self", "controller_init_kwargs"]
+    assert TrainController.worker_group_cls is WorkerGroup
+    assert isinstance(inspect.getattr_static(WorkerGroup, "_get_worker_runtime_env"), staticmethod)
+    assert {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"} <= ENV_VARS_TO_PROPAGATE
+    assert ray_internals.controller_env_keys() == sorted(ENV_VARS_TO_PROPAGATE)
+
+    lean_group = ray_internals._lean_controller_class().worker_group_cls
+    assert issubclass(lean_group, WorkerGroup)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as the controller inherited it
+    monkeypatch.setenv("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "30")
+    # the controller's own values: nothing to hand on
+    assert lean_group._get_worker_runtime_env({}) == {}
+    # a user's worker runtime_env is kept; a value that differs from the controller's is handed on
+    custom = {"env_vars": {"PYTHONPATH": "/x", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "60"}, "pip": ["a"]}
+    assert lean_group._get_worker_runtime_env(custom) == \
+        {"pip": ["a"], "env_vars": {"PYTHONPATH": "/x", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "60"}}

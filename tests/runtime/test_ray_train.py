@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import ray
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -100,6 +101,9 @@ class HookedRecorder(Recorder):
 
     def configure_model(self):
         self.hooked["configure_model"] += 1
+        # what this worker was started with: a runtime_env (its own or inherited from the
+        # controller) means a second Python start through Ray's setup_worker.py
+        self.hooked["runtime_env"] = dict(ray.get_runtime_context().runtime_env)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         self.hooked["transfers"].append((self.trainer.training, dataloader_idx))
@@ -161,6 +165,9 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
         assert hooked["lrs"] == [0.025, 0.05, 0.05, 0.05] and hooked["configure_model"] == 1
         assert hooked["transfers"].count((True, 0)) == 4 and hooked["sanity"] == 2
         assert hooked["transfers"].count((False, 0)) == 2 + val_batches
+        # the embedded cluster has the settings in its environment: neither the controller nor
+        # the workers get a runtime_env for them (runtime/ray_internals.py)
+        assert hooked["runtime_env"] == {}, hooked["runtime_env"]
 
 
 def test_fsdp_worker_sigkill_resumes_bit_identical_from_sharded_checkpoints(ray_cluster, tmp_path):
