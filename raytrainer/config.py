@@ -79,6 +79,7 @@ class TrainerConfig:
     barebones: bool = False          # no loggers, checkpoints, progress bar, summary, sanity check
     enable_autolog_hparams: bool = True  # the module's hparams to the loggers at fit start
     max_time: Any = None             # "DD:HH:MM:SS" | timedelta | dict: a Timer stops training then
+    reload_dataloaders_every_n_epochs: int = 0  # call the loader hooks again every N epochs (0: once)
     given: Mapping[str, Any] = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -316,7 +317,9 @@ def _lightning_args(kw: dict) -> dict[str, Any]:
     if isinstance(overfit, bool) or not isinstance(overfit, numbers.Real) or overfit < 0 or \
             (isinstance(overfit, float) and overfit > 1.0):
         raise _fail("overfit_batches", overfit, "expected an int >= 0 (batches) or a float in [0.0, 1.0]")
+    reload = _int("reload_dataloaders_every_n_epochs", kw["reload_dataloaders_every_n_epochs"], 0)
     return dict(num_nodes=num_nodes, num_sanity_val_steps=sanity, min_epochs=min_epochs, min_steps=min_steps,
+                reload_dataloaders_every_n_epochs=reload,
                 enable_model_summary=kw["enable_model_summary"], benchmark=benchmark,
                 detect_anomaly=kw["detect_anomaly"], inference_mode=kw["inference_mode"],
                 sync_batchnorm=kw["sync_batchnorm"], overfit_batches=overfit, barebones=kw["barebones"],

@@ -68,6 +68,7 @@ class Trainer:
                  inference_mode: bool = _D.inference_mode, sync_batchnorm: bool = _D.sync_batchnorm,
                  overfit_batches: int | float = _D.overfit_batches, barebones: bool = _D.barebones,
                  enable_autolog_hparams: bool = _D.enable_autolog_hparams, max_time: Any = _D.max_time,
+                 reload_dataloaders_every_n_epochs: int = _D.reload_dataloaders_every_n_epochs,
                  **not_supported: Any):
         """Lightning's Trainer arguments (same names and meanings), plus where a run goes
         (``storage_path``, ``storage_options``, ``name``), how it runs (``launcher``: "ray" or
@@ -92,7 +93,7 @@ class Trainer:
             min_steps=min_steps, enable_model_summary=enable_model_summary, benchmark=benchmark,
             detect_anomaly=detect_anomaly, inference_mode=inference_mode, sync_batchnorm=sync_batchnorm,
             overfit_batches=overfit_batches, barebones=barebones, enable_autolog_hparams=enable_autolog_hparams,
-            max_time=max_time)
+            max_time=max_time, reload_dataloaders_every_n_epochs=reload_dataloaders_every_n_epochs)
         # The arguments as given: a sweep builds each trial's Trainer from them plus overrides.
         self._init_kwargs = {**self.cfg.given, "callbacks": callbacks, "logger": logger}
         self.callbacks = self._build_callbacks(callbacks)
@@ -287,7 +288,8 @@ class Trainer:
         return self._last_out.get(name, default)  # after a run in Ray workers
 
     global_step = property(lambda self: self._progress("global_step", 0))
-    current_epoch = property(lambda self: self._progress("current_epoch", 0))
+    current_epoch = property(lambda self: self._run.progress.lightning_epoch if self._run is not None
+                             else self._last_out.get("current_epoch", 0))
     num_training_batches = property(lambda self: self._run.num_training_batches if self._run else float("inf"))
     num_val_batches = property(lambda self: list(self._run.num_val_batches) if self._run else [])
     optimizers = property(lambda self: self._run.optimizers if self._run else [])
@@ -439,8 +441,6 @@ LIGHTNING_HOOKS_NOT_CALLED = ("configure_sharded_model",)
 _NOT_SUPPORTED = {
     "plugins": "precision= selects the precision; storage_path/storage_options the checkpoint storage; "
                "Ray sets up the cluster",
-    "reload_dataloaders_every_n_epochs": "exact resume follows one loader per fit; vary the data per epoch in "
-                                         "the dataset or sampler (set_epoch is called every epoch)",
     "model_registry": "upload the checkpoint from storage_path after fit",
 }
 

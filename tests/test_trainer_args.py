@@ -31,7 +31,7 @@ def test_max_steps_stops_mid_epoch(tmp_path):
     result = trainer.fit(model, loader(n=10, batch_size=4))
     assert model.train_calls == 5
     assert result.global_step == 5
-    assert result.current_epoch == 1  # the second epoch was left unfinished
+    assert result.current_epoch == 2  # the second epoch's end ran (Lightning); a resume continues it
 
 
 def test_max_steps_wins_over_max_epochs_and_counts_optimizer_steps(tmp_path):

@@ -31,17 +31,21 @@ global rank 0. tests/callbacks/test_callbacks.py checks the whole order against 
                 on_before_backward(loss) -> module.backward(loss) -> on_after_backward
             after the closure, at the window's last batch:
                 on_before_optimizer_step(optimizer)        gradients are unscaled here
-                configure_gradient_clipping; the update; lr_scheduler_step (step interval)
+                configure_gradient_clipping; the update; lr_scheduler_step (step interval;
+                at the epoch's last batch the epoch interval too; not ReduceLROnPlateau)
             on_train_batch_end(outputs, batch, batch_idx)
             loggers.log_metrics                            every log_every_n_steps steps
             [validation]                                   at val_check_interval; the epoch's
                                                            validation runs here, after its last batch
+            ReduceLROnPlateau schedulers (step interval)   they may monitor the validation's metrics
             on_checkpoint_boundary                         ModelCheckpoint saves here
         on_train_epoch_end                                 epoch aggregates reduced; callbacks, module,
-                                                           then ModelCheckpoint/EarlyStopping
+                                                           then ModelCheckpoint/EarlyStopping; also when
+                                                           should_stop or max_steps ends the epoch early
         loggers.log_metrics(epoch aggregates)
-        epoch-interval schedulers
-        on_checkpoint_boundary
+        ReduceLROnPlateau schedulers (epoch interval)      after a complete epoch only
+        on_checkpoint_boundary                             not after an epoch max_steps cut short: a
+                                                           resume continues that epoch
     on_train_end
     on_fit_end
     teardown(stage="fit")

@@ -133,6 +133,11 @@ class ModelCheckpoint(Callback):
         self._validated = False
         if due:
             self.save(trainer)
+        elif self.save_last and trainer.cfg.enable_checkpointing and trainer.checkpoint_boundary == "step" \
+                and trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            # max_steps ends the fit here: `last` is this position, taken before the end of an
+            # epoch it cuts short runs (no boundary), so a resume continues the epoch exactly.
+            self._commit(trainer, keep=False, score=None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A run that ends for any reason (max_steps mid-epoch, max_epochs, early stop) keeps its

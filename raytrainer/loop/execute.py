@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-import warnings
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from raytrainer import redaction
 from raytrainer.checkpoint.format import checkpoints_root
 from raytrainer.checkpoint.store import load
 from raytrainer.loop.evaluate import run_evaluation
 from raytrainer.loop.fit import fit_loop
-from raytrainer.loop.loaders import TrainData, limited_length, rebuild_dataloader, resolve_loaders, shard_eval_loader
+from raytrainer.loop.fit_data import FitData, seeding_workers
+from raytrainer.loop.loaders import resolve_loaders, shard_eval_loader
 from raytrainer.loop.preemption import commit_preemption_checkpoint
 from raytrainer.loop.run import Run
 from raytrainer.loop.strategy import apply_determinism
-from raytrainer.module import is_overridden
 from raytrainer.profiler import build_profiler
-from raytrainer.utilities import seed_dataloader_worker, seed_rngs
+from raytrainer.utilities import seed_rngs
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +77,19 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     with torch.device(run.device):  # layers built here are created on the device (Lightning)
         module.configure_model()
 
-    kind = _LOADER_KIND[stage]
-    main = _seeding_workers(trainer, resolve_loaders(kind, loaders.get(kind), datamodule, module))
-    if main is None:
-        raise ValueError(f"{stage} needs data: pass {kind}_dataloaders= / dataloaders=, a datamodule with "
-                         f"{kind}_dataloader(), or define {kind}_dataloader() on the module")
-    val_loaders: list = []
+    data = main = None
     if stage == "fit":
-        val_loaders = _seeding_workers(trainer, resolve_loaders("val", loaders.get("val"), datamodule, module)) or []
-        if val_loaders and not is_overridden("validation_step", module, object):
-            warnings.warn("validation loaders were given but the module has no validation_step; "
-                          "validation is skipped")
-            val_loaders = []
-        val_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
-                       for dl in val_loaders]
-    elif stage in _EVAL_STEP and not callable(getattr(module, _EVAL_STEP[stage], None)):
-        raise TypeError(f"{type(module).__name__} has no {_EVAL_STEP[stage]}(batch, batch_idx); "
-                        f"define it to run trainer.{stage}()")
-
-    if stage == "fit":  # sized before configure_optimizers: estimated_stepping_batches is right there
-        train = TrainData(main[0], ctx.world_size, ctx.global_rank, seed=cfg.seed or 0,
-                          use_distributed_sampler=cfg.use_distributed_sampler, overfit=bool(cfg.overfit_batches))
-        run.set_data_sizes(limited_length(train, cfg.limit_train_batches), _largest_on_any_rank(
-            ctx, [limited_length(dl, cfg.limit_val_batches, "limit_val_batches") for dl in val_loaders]))
+        data = FitData(run, loaders)
+        data.load()  # sized before configure_optimizers: estimated_stepping_batches is right there
+    else:
+        kind = _LOADER_KIND[stage]
+        main = seeding_workers(trainer, resolve_loaders(kind, loaders.get(kind), datamodule, module))
+        if main is None:
+            raise ValueError(f"{stage} needs data: pass {kind}_dataloaders= / dataloaders=, a datamodule with "
+                             f"{kind}_dataloader(), or define {kind}_dataloader() on the module")
+        if stage in _EVAL_STEP and not callable(getattr(module, _EVAL_STEP[stage], None)):
+            raise TypeError(f"{type(module).__name__} has no {_EVAL_STEP[stage]}(batch, batch_idx); "
+                            f"define it to run trainer.{stage}()")
     run.setup_strategy()
     if stage == "fit":
         run.configure_optimizers()
@@ -114,12 +101,14 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         # A sharded checkpoint loads straight into an FSDP model's shards (the strategy's target)
         run.restore(load(start_from, cfg.storage_options, strategy=run.strategy), weights_only=stage != "fit",
                     own_run=start_from.startswith(checkpoints_root(cfg) + "/"))
+        if data is not None:
+            data.restored()
     if stage == "fit":
         for lg in run.loggers if cfg.enable_autolog_hparams else ():
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
         run.profiler.start(ctx, run.device, cfg)
         with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
-            fit_loop(run, train, val_loaders)
+            fit_loop(run, data)
         preempted = None
         if run.preempted:
             preempted = {"reason": run.preempted, "global_step": run.progress.global_step,
@@ -141,30 +130,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     module.teardown(stage)
     for lg in run.loggers:
         lg.finalize("preempted" if run.preempted else "success")
-    out.update(global_step=run.progress.global_step, current_epoch=run.progress.current_epoch)
+    out.update(global_step=run.progress.global_step, current_epoch=run.progress.lightning_epoch)
     return out
-
-
-def _seeding_workers(trainer, loaders: list | None) -> list | None:
-    """``seed_everything(workers=True)``: DataLoader worker processes seed python and numpy too."""
-    if not loaders or not trainer._seed_workers:
-        return loaders
-    return [rebuild_dataloader(dl, worker_init_fn=seed_dataloader_worker)
-            if isinstance(dl, DataLoader) and dl.num_workers > 0 and dl.worker_init_fn is None else dl
-            for dl in loaders]
-
-
-def _largest_on_any_rank(ctx, sizes: list[float]) -> list[float]:
-    """Evaluation shards may differ by a batch between ranks (exact evaluation; a rank may have
-    none). What the loop and callbacks decide from ``num_val_batches`` (is there a validation?
-    save at the step or at the epoch's end?) must be the same on every rank, or they part ways
-    at the next collective: every rank reports the largest shard (one all-reduce, at fit start)."""
-    if ctx.world_size == 1 or not sizes:
-        return sizes
-    unknown = 2 ** 62
-    largest = ctx.all_reduce(torch.tensor([unknown if math.isinf(n) else int(n) for n in sizes],
-                                          dtype=torch.int64, device=ctx.device), "max").tolist()
-    return [math.inf if n == unknown else n for n in largest]
 
 
 def _call_datamodule(datamodule, hook: str, *args: Any) -> None:

@@ -13,7 +13,7 @@ import math
 
 from raytrainer.loop.closure import TrainingClosure
 from raytrainer.loop.evaluate import end_epoch_in_order, run_evaluation, run_sanity_check
-from raytrainer.loop.loaders import TrainData
+from raytrainer.loop.fit_data import FitData
 from raytrainer.loop.preemption import handle_stop_request
 from raytrainer.profiler import DATA_NEXT, DATA_START, FORWARD, LOGGING, SCHEDULERS, VALIDATION
 from raytrainer.utilities import infer_batch_size
@@ -21,17 +21,21 @@ from raytrainer.utilities import infer_batch_size
 log = logging.getLogger(__name__)
 
 
-def fit_loop(run, train: TrainData, val_loaders: list) -> None:
+def fit_loop(run, data: FitData) -> None:
     run.hooks.call("on_fit_start")
-    if val_loaders and not run.resumed:
-        run_sanity_check(run, val_loaders)  # not when resuming: the run already passed it
+    if data.val and not run.resumed:
+        run_sanity_check(run, data.val)  # not when resuming: the run already passed it
     run.hooks.call("on_train_start")
     progress = run.progress
     while not _fit_done(run):
-        finished_epoch = train_epoch(run, train, val_loaders)
-        if not finished_epoch:
-            break  # stopped mid-epoch (max_steps, a preemption): the epoch stays unfinished
-        _end_epoch(run)
+        data.reload_train_if_due()  # reload_dataloaders_every_n_epochs
+        ended = train_epoch(run, data)
+        if ended is INTERRUPTED:
+            break  # a preemption: the epoch stays unfinished, the resumed run continues it
+        if ended is CUT_SHORT:
+            _end_cut_short_epoch(run)
+            break
+        _end_epoch(run, step_schedulers=ended is COMPLETE)
         progress.current_epoch += 1
         progress.batches_done = 0
         progress.epoch_finished = False
@@ -61,9 +65,18 @@ def can_stop_early(run) -> bool:
     return met
 
 
-def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
-    """Run the rest of ``progress.current_epoch``; True when all its batches were consumed."""
+# How an epoch's batches ended (train_epoch). Lightning runs the epoch's end in every case but a
+# preemption, and steps epoch schedulers only after a complete epoch.
+COMPLETE = "complete"          # every batch consumed
+STOPPED = "stopped"            # should_stop, or on_train_batch_start returned -1: on to the next epoch
+CUT_SHORT = "cut short"        # max_steps reached mid-epoch: the fit ends; its checkpoint resumes the epoch
+INTERRUPTED = "interrupted"    # a preemption: no epoch end; the resumed run continues the epoch
+
+
+def train_epoch(run, data: FitData) -> str:
+    """Run the rest of ``progress.current_epoch``; how it ended (COMPLETE, STOPPED, ...)."""
     cfg, module, metrics, hooks, progress, prof = run.cfg, run.module, run.metrics, run.hooks, run.progress, run.profiler
+    train = data.train
     start = progress.batches_done
     if start == 0:
         metrics.start_epoch("train")
@@ -106,7 +119,7 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
         # hooks.on_x is None when nothing overrides on_x: a no-op hook costs no call per batch.
         if hooks.on_train_batch_start is not None and hooks.on_train_batch_start(batch, batch_idx) == -1:
             metrics.in_step = False
-            return True  # the module ended the epoch early (Lightning's -1): on to epoch end
+            return STOPPED  # the module ended the epoch early (Lightning's -1): on to epoch end
         progress.batches_done = batch_idx + 1
         window_done = (batch_idx + 1) % accumulate == 0 or is_last
         if automatic:
@@ -118,7 +131,9 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                 prof.step()
                 if run.scheduler_configs:
                     with prof.region(SCHEDULERS):
-                        run.step_schedulers("step")
+                        run.step_schedulers("step", plateau=False)
+                        if is_last:  # the epoch's schedulers step with its last batch (Lightning)
+                            run.step_schedulers("epoch", plateau=False)
             else:
                 # Inside an accumulation window DDP must not all-reduce gradients: no_sync defers
                 # the communication to the window's last backward.
@@ -143,34 +158,61 @@ def train_epoch(run, train: TrainData, val_loaders: list) -> bool:
                 step_metrics["epoch"] = float(progress.current_epoch)
                 run.log_to_loggers(step_metrics, progress.batches_stepped)
 
-        if val_loaders and _validation_due(run, batch_idx, is_last):
+        if data.val and _validation_due(run, batch_idx, is_last):
             if window_done:  # frees the gradients, unless a window is still accumulating them
                 module.on_validation_model_zero_grad()
             with prof.region(VALIDATION):
-                run_evaluation(run, val_loaders, "validate")
+                data.reload_val_if_due()
+                run_evaluation(run, data.val, "validate")
             run.boundary.validated = True
         if window_done:
+            if run.scheduler_configs:
+                with prof.region(SCHEDULERS):  # after validation: they may monitor its metrics
+                    run.step_schedulers("step", plateau=True)
             progress.batches_stepped += 1
-        if window_done:
             checkpoint_boundary(run, "step")
         batch_idx += 1
         if run.should_stop and can_stop_early(run):
             # should_stop (EarlyStopping, a module) ends the epoch here and its end runs, as in
             # Lightning; a preemption leaves it unfinished, so the resumed run continues it.
-            return is_last or run.preempted is None
+            if run.preempted is not None and not is_last:
+                return INTERRUPTED
+            return COMPLETE if is_last else STOPPED
         if cfg.max_steps != -1 and progress.global_step >= cfg.max_steps:
-            return is_last  # unfinished: a resume with a larger max_steps continues the epoch
+            return COMPLETE if is_last else CUT_SHORT
         if not lookahead:
             if is_last:
                 pending = _END
             else:
                 with data_region:
                     pending = next(it, _END)
-    return True
+    return COMPLETE
 
 
-def _end_epoch(run) -> None:
+def _end_epoch(run, step_schedulers: bool) -> None:
     """Epoch end: hooks, epoch aggregates to the loggers, epoch schedulers, boundary."""
+    _epoch_end_hooks(run)
+    if step_schedulers:  # not after an epoch stopped early (Lightning's rule)
+        with run.profiler.region(SCHEDULERS):  # the others stepped with the epoch's last batch
+            run.step_schedulers("epoch", plateau=True)
+    run.progress.epoch_finished = True
+    checkpoint_boundary(run, "epoch")
+    for lg in run.loggers:
+        lg.save()
+
+
+def _end_cut_short_epoch(run) -> None:
+    """max_steps reached mid-epoch: the epoch's end runs and current_epoch moves on, as in
+    Lightning. It is no checkpoint boundary: the run's checkpoints stay at its last step, inside
+    the epoch, so a resume with a larger max_steps trains the rest of the epoch (Lightning's
+    checkpoint would start the next one)."""
+    _epoch_end_hooks(run)
+    run.progress.epoch_cut_short = True
+    for lg in run.loggers:
+        lg.save()
+
+
+def _epoch_end_hooks(run) -> None:
     # The module's hook sees this epoch's aggregates; callbacks (EarlyStopping without validation)
     # also what the module logged in its hook (evaluate.py end_epoch_in_order).
     values = run.metrics.logger_filter(end_epoch_in_order(run, "on_train_epoch_end", "train"), "train")
@@ -178,12 +220,6 @@ def _end_epoch(run) -> None:
         values["epoch"] = float(run.progress.current_epoch)
         with run.profiler.region(LOGGING):  # at the epoch's last step, as Lightning logs it
             run.log_to_loggers(values, run.progress.batches_stepped - 1)
-    with run.profiler.region(SCHEDULERS):
-        run.step_schedulers("epoch")
-    run.progress.epoch_finished = True
-    checkpoint_boundary(run, "epoch")
-    for lg in run.loggers:
-        lg.save()
 
 
 def checkpoint_boundary(run, kind: str) -> None:
@@ -217,8 +253,10 @@ def _validation_due(run, batch_idx: int, is_last: bool) -> bool:
     if isinstance(vci, float):
         if vci == 1.0 or math.isinf(run.num_training_batches):
             return is_last
+        # Lightning's rule: every int(n * interval) batches, and not at the epoch's end unless it
+        # falls there (0.3 of 10 batches: after 3, 6 and 9)
         every = max(1, int(run.num_training_batches * vci))
-        return (batch_idx + 1) % every == 0 or is_last
+        return (batch_idx + 1) % every == 0
     if cfg.check_val_every_n_epoch is None:  # an int interval counts batches across epochs
         return (epoch * run.num_training_batches + batch_idx + 1) % vci == 0
     return (batch_idx + 1) % vci == 0

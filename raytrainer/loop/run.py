@@ -44,6 +44,14 @@ class Progress:
     # Lightning's _batches_that_stepped, the loggers' step: batches that closed an accumulation
     # window (every batch in manual optimization, where global_step counts optimizer steps)
     batches_stepped: int = 0
+    # max_steps ended the fit inside current_epoch after running its end (loop/fit.py): Lightning's
+    # current_epoch reads one more. Never saved: checkpoints resume inside the epoch.
+    epoch_cut_short: bool = False
+
+    @property
+    def lightning_epoch(self) -> int:
+        """``trainer.current_epoch`` as Lightning counts it."""
+        return self.current_epoch + self.epoch_cut_short
 
     def position(self) -> tuple[int, bool]:
         """What identifies a checkpoint: two saves at one position hold the same state."""
@@ -250,14 +258,17 @@ class Run:
         before, transfer, after = self.transfer_hooks
         return after(transfer(before(batch, dataloader_idx), self.device, dataloader_idx), dataloader_idx)
 
-    def step_schedulers(self, interval: str) -> None:
-        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count.
-        In manual optimization the module steps its schedulers itself (as in Lightning)."""
+    def step_schedulers(self, interval: str, plateau: bool) -> None:
+        """Step every scheduler of ``interval`` whose frequency divides the step/epoch count: the
+        ReduceLROnPlateau ones (``plateau``) or the others. Lightning steps the others as soon as
+        the step (the epoch's last batch) is done, before validation; plateau schedulers after
+        it, since they read its metrics. In manual optimization the module steps its schedulers
+        itself (as in Lightning)."""
         if not self.scheduler_configs or not self.module.automatic_optimization:
             return
         count = self.progress.global_step if interval == "step" else self.progress.current_epoch + 1
         for cfg in self.scheduler_configs:
-            if cfg.interval != interval or count % cfg.frequency:
+            if cfg.interval != interval or count % cfg.frequency or cfg.is_plateau != plateau:
                 continue
             if cfg.is_plateau:
                 metrics = self.metrics.callback_metrics()

@@ -24,6 +24,8 @@ import zlib
 
 from raytrainer.checkpoint.resume import restart_checkpoint, starting_epoch
 from raytrainer.data import RayDataLoader, RayDatasetIterable
+from raytrainer.errors import ConfigError
+from raytrainer.loop.fit_data import ray_dataset_reload_refusal
 from raytrainer.loop.loaders import resolve_loaders
 from raytrainer.runtime.ray_internals import dataset_at_execution
 
@@ -86,6 +88,9 @@ def split_ray_datasets(stage: str, trainer, datamodule, loaders: dict, num_worke
         if given is None and datamodule is not None and _datamodule_may_return_ray(datamodule, kind):
             # The datamodule builds its Ray Datasets here on the driver (Ray Train must own them).
             given = resolve_loaders(kind, None, datamodule, None)
+            reload_every = trainer.cfg.reload_dataloaders_every_n_epochs
+            if reload_every and any(isinstance(x, RayDatasetIterable) for x in given or ()):
+                raise ConfigError(ray_dataset_reload_refusal(reload_every))
         items = given if isinstance(given, (list, tuple)) else ([given] if given is not None else [])
         items = [x.loader if isinstance(x, RayDatasetIterable) else x for x in items]
         if not any(isinstance(x, RayDataLoader) for x in items):

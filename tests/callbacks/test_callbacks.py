@@ -305,29 +305,3 @@ def test_on_train_batch_start_returning_minus_one_ends_the_epoch(tmp_path):
     model = Skip()
     result = make_trainer(tmp_path, max_epochs=2).fit(model, loader(n=10, batch_size=2))
     assert (model.train_calls, result.global_step, result.current_epoch) == (4, 4, 2)
-
-
-# ---------------------------------------------------------------- design questions
-
-@pytest.mark.xfail(strict=True, reason="design question: Lightning runs on_train_epoch_end (and logs the "
-                   "partial epoch's aggregates) when max_steps or should_stop ends an epoch early; "
-                   "raytrainer leaves the epoch unfinished (loop.py) so a resume continues it")
-def test_max_steps_mid_epoch_still_runs_epoch_end_like_lightning(tmp_path):
-    ends = []
-
-    class Model(LinearModel):
-        def on_train_epoch_end(self):
-            ends.append(self.current_epoch)
-
-    make_trainer(tmp_path, max_epochs=None, max_steps=4).fit(Model(), loader(n=6, batch_size=2))
-    assert ends == [0, 1]
-
-
-@pytest.mark.xfail(strict=True, reason="design question: with a float val_check_interval Lightning "
-                   "validates only every int(n * interval) batches (3, 6, 9 of 10 for 0.3); raytrainer "
-                   "also validates at the epoch's last batch")
-def test_val_check_interval_float_not_dividing_the_epoch_like_lightning(tmp_path):
-    model = LinearModel()
-    make_trainer(tmp_path, val_check_interval=0.3).fit(model, loader(n=20, batch_size=2),
-                                                        loader(n=2, batch_size=2))
-    assert [step for _, step in model.val_runs] == [3, 6, 9]

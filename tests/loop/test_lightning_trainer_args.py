@@ -172,7 +172,7 @@ def test_attributes_default_root_dir_and_refusals(tmp_path):
     assert trainer.default_root_dir == trainer.cfg.storage_path == str(tmp_path)
     with pytest.raises(ConfigError, match=r"default_root_dir is Lightning's name for storage_path"):
         rt.Trainer(default_root_dir=str(tmp_path), storage_path=str(tmp_path / "other"))
-    for arg, value in (("plugins", []), ("reload_dataloaders_every_n_epochs", 1), ("model_registry", "m")):
+    for arg, value in (("plugins", []), ("model_registry", "m")):
         with pytest.raises(ConfigError, match=rf"Trainer\({arg}=...\) is a Lightning argument raytrainer does not support"):
             rt.Trainer(**{arg: value})
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_epoch'\]"):
