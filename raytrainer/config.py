@@ -73,7 +73,7 @@ class TrainerConfig:
     enable_model_summary: bool = True
     benchmark: bool | None = None    # torch.backends.cudnn.benchmark for the run (None: as it is)
     detect_anomaly: bool = False     # torch.autograd.set_detect_anomaly during training
-    inference_mode: bool = True      # evaluation runs under torch.no_grad either way (see README)
+    inference_mode: bool = True      # validate/test/predict under torch.inference_mode (else no_grad)
     sync_batchnorm: bool = False     # BatchNorm -> SyncBatchNorm with several GPU workers
     overfit_batches: int | float = 0.0  # the same N (or fraction of) train batches every epoch, unshuffled
     barebones: bool = False          # no loggers, checkpoints, progress bar, summary, sanity check

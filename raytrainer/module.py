@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from raytrainer.checkpoint.lightning_file import read_any
 from raytrainer.utilities import AttributeDict, move_to_device
 
 
 class Module(nn.Module):
     """Subclass and implement ``training_step`` and ``configure_optimizers``."""
+
+    # Lightning's: an input for forward() (a tensor, or a tuple of its positional arguments) that
+    # TensorBoardLogger(log_graph=True) traces the graph with.
+    example_input_array: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,6 +46,32 @@ class Module(nn.Module):
     @property
     def hparams(self) -> AttributeDict:
         return self._rt_hparams
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, strict: bool = True,
+                             weights_only: bool | None = None, storage_options: Mapping | None = None,
+                             **kwargs: Any) -> "Module":
+        """A new module from a checkpoint, as Lightning's ``load_from_checkpoint``: ``cls`` built
+        from the saved hyperparameters (``kwargs`` override them; names ``__init__`` does not
+        take are dropped unless it takes ``**kwargs``), ``configure_model()``, then
+        ``on_load_checkpoint(checkpoint)`` (it may rename keys), then the weights. Reads a
+        raytrainer checkpoint folder or a ``.ckpt`` file (raytrainer's or Lightning's), from any
+        fsspec URI; ``weights_only`` as ``torch.load``'s (default True)."""
+        checkpoint = read_any(checkpoint_path, map_location, weights_only, storage_options)
+        init_kwargs = {**dict(checkpoint.get("hyper_parameters") or {}), **kwargs}
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            init_kwargs = {k: v for k, v in init_kwargs.items() if k in params and k != "self"}
+        model = cls(**init_kwargs)
+        if is_overridden("configure_model", model, Module):
+            model.configure_model()
+        model.on_load_checkpoint(checkpoint)
+        keys = model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        if not strict and (keys.missing_keys or keys.unexpected_keys):
+            warnings.warn(f"{cls.__name__}.load_from_checkpoint(strict=False): keys missing from the checkpoint "
+                          f"{keys.missing_keys}, keys the model does not have {keys.unexpected_keys}")
+        device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
+        return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------ run state views
     @property

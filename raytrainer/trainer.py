@@ -231,19 +231,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filepath: str | None = None, weights_only: bool = False, *,
                         after_commit: list | None = None, wait: bool = True) -> str:
-        """Commit the state at the current position to the run's checkpoint folder and return
-        its URI (once per position: a second call there returns the same URI). ``wait=False``
-        returns once the state is snapshotted (the commit goes on in the background) and runs
-        ``after_commit`` once it has committed (ModelCheckpoint's retention)."""
+        """``filepath``: the state now as one Lightning ``.ckpt`` file there (any fsspec URI;
+        ``weights_only``: weights, counters and hyperparameters only), which pytorch-lightning's
+        ``load_from_checkpoint`` reads too. Without one: commit the state at the current position
+        to the run's checkpoint folder and return its URI (once per position: a second call
+        there returns the same URI); ``wait=False`` returns once the state is snapshotted (the
+        commit goes on in the background) and runs ``after_commit`` once it has committed
+        (ModelCheckpoint's retention)."""
         run = self._require_run("save_checkpoint()")
-        if weights_only:
-            raise NotImplementedError("save_checkpoint(weights_only=True) is not supported yet: checkpoints "
-                                      "hold the full state (load weights only with rt.load_checkpoint(...)"
-                                      "['state_dict'])")
         if filepath is not None and str(filepath).rstrip("/") != run.checkpoint_uri():
-            raise NotImplementedError(f"save_checkpoint({filepath!r}): checkpoints are written to the run's "
-                                      f"checkpoint folder ({self.boundary_checkpoint_path}); call "
-                                      "save_checkpoint() and copy the returned checkpoint if you need it elsewhere")
+            return run.export_checkpoint(str(filepath), weights_only)
+        if weights_only:
+            raise ValueError("save_checkpoint(weights_only=True) needs a filepath: the run's own checkpoints hold "
+                             "the full state (exact resume); save_checkpoint('model.ckpt', weights_only=True) "
+                             "exports the weights")
         uri = run.save_checkpoint(after_commit=after_commit)
         if wait:
             run.wait_for_commits()  # a user's explicit save returns once committed
@@ -286,6 +287,14 @@ class Trainer:
         if self._run is not None:
             return getattr(self._run.progress, name)
         return self._last_out.get(name, default)  # after a run in Ray workers
+
+    def _counters(self) -> dict[str, int]:
+        """Where the last run left the loop's counters (an evaluation stage starts there)."""
+        if self._run is not None:
+            progress = self._run.progress
+            return {"global_step": progress.global_step, "current_epoch": progress.lightning_epoch,
+                    "batches_stepped": progress.batches_stepped}
+        return {k: self._last_out.get(k, 0) for k in ("global_step", "current_epoch", "batches_stepped")}
 
     global_step = property(lambda self: self._progress("global_step", 0))
     current_epoch = property(lambda self: self._run.progress.lightning_epoch if self._run is not None
@@ -388,8 +397,8 @@ class Trainer:
 
     @property
     def loggers(self) -> list[Logger]:
-        """During a run, the run's loggers: empty off global rank 0 (rank zero by construction)."""
-        return self._run.loggers if self._run is not None else self._loggers
+        """During a run, the run's loggers; off global rank 0 they do nothing (as in Lightning)."""
+        return self._run.visible_loggers if self._run is not None else self._loggers
 
     @property
     def logger(self) -> Logger | None:

@@ -14,6 +14,7 @@ import logging
 from typing import Mapping
 
 from raytrainer import storage
+from raytrainer.checkpoint import lightning_file
 from raytrainer.checkpoint.format import read_marker, require_committed
 from raytrainer.checkpoint.store import latest_committed, load
 
@@ -38,7 +39,10 @@ def resolve(ckpt_path: str | None, cfg) -> str | None:
         return best
     uri = storage.normalize(str(ckpt_path))
     # A mistyped or half-written checkpoint fails here, before any data, worker or Ray starts.
-    require_committed(uri, cfg.storage_options)
+    if lightning_file.is_ckpt_file(uri, cfg.storage_options):
+        lightning_file.require_readable_file(uri, cfg.storage_options)  # a .ckpt (Lightning's or an export)
+    else:
+        require_committed(uri, cfg.storage_options)
     return uri
 
 
@@ -58,6 +62,9 @@ def restart_checkpoint(cfg, fit_token: str) -> str | None:
 
 def starting_epoch(uri: str | None, storage_options: Mapping | None) -> int:
     """The epoch a run starting from checkpoint ``uri`` trains first (0 for a fresh start)."""
+    if uri and lightning_file.is_ckpt_file(uri, storage_options):
+        state = lightning_file.load_for_run(uri, storage_options)
+        return int(state["epoch"]) + (1 if state["loops"]["epoch_finished"] else 0)
     marker = read_marker(uri, storage_options) if uri else None
     if not marker or marker.get("epoch") is None:
         return 0

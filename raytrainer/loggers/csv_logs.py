@@ -114,6 +114,12 @@ class CSVLogger(Logger):
     def _path(self) -> str:
         return os.path.join(self._local_dir, METRICS_FILE)
 
+    @property
+    def experiment(self) -> "_CSVExperiment":
+        """Lightning's ``CSVLogger.experiment`` (its experiment writer): rows and hparams written
+        through this logger."""
+        return _CSVExperiment(self)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self._bind()
         # The logger's step wins over a metric that happens to be called "step" (as Lightning).
@@ -214,3 +220,32 @@ class CSVLogger(Logger):
         state.update(_buffer=[], _calls=0, _local_dir=None, _remote=None, _uploaded={},
                      _columns=[], _last_row=None, _rewrite_last=False)
         return state
+
+
+class _CSVExperiment:
+    """What Lightning's CSV experiment writer offers: ``log_metrics(metrics_dict, step=None)``
+    (tensors are read as numbers; no step: the row after the last one), ``log_hparams``,
+    ``save``, ``log_dir`` and ``metrics_file_path``."""
+
+    def __init__(self, logger: CSVLogger):
+        self._logger = logger
+
+    @property
+    def log_dir(self) -> str | None:
+        return self._logger.log_dir
+
+    @property
+    def metrics_file_path(self) -> str | None:
+        return _sync.join(self.log_dir, METRICS_FILE) if self.log_dir is not None else None
+
+    def log_metrics(self, metrics_dict: Mapping[str, Any], step: int | None = None) -> None:
+        if step is None:
+            last = self._logger._last_step
+            step = 0 if last is None else last + 1
+        self._logger.log_metrics({k: float(v) for k, v in metrics_dict.items()}, step)
+
+    def log_hparams(self, params: Mapping[str, Any]) -> None:
+        self._logger.log_hyperparams(params)
+
+    def save(self) -> None:
+        self._logger.save()

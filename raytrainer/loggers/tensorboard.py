@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Mapping
+
+import torch
 
 from raytrainer.loggers import _hparams, _sync
 from raytrainer.loggers.base import Logger
+from raytrainer.utilities import move_to_device
 
 
 class TensorBoardLogger(Logger):
@@ -24,9 +28,7 @@ class TensorBoardLogger(Logger):
     def __init__(self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None,
                  log_graph: bool = False, default_hp_metric: bool = True, prefix: str = "",
                  sub_dir: str | None = None, flush_secs: int = 10) -> None:
-        if log_graph:
-            raise ValueError("TensorBoardLogger(log_graph=True) is not supported: call "
-                             "logger.experiment.add_graph(model, example_input) yourself")
+        self._log_graph = log_graph
         self._save_dir = save_dir
         self._name = name
         self._version = version
@@ -129,6 +131,24 @@ class TensorBoardLogger(Logger):
         if metrics:
             self.log_metrics(metrics, 0)
         _hparams.write_hparams_yaml(self._local_dir, params)
+
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        """With ``log_graph=True``, the model's graph traced on ``input_array`` (default: the
+        module's ``example_input_array``), as Lightning does at fit start."""
+        if not self._log_graph:
+            return
+        input_array = getattr(model, "example_input_array", None) if input_array is None else input_array
+        if input_array is None:
+            warnings.warn("Could not log computational graph to TensorBoard: The `model.example_input_array` "
+                          "attribute is not set or `input_array` was not given.")
+        elif not isinstance(input_array, (torch.Tensor, tuple)):
+            warnings.warn("Could not log computational graph to TensorBoard: The `input_array` or "
+                          f"`model.example_input_array` has type {type(input_array)} which can't be traced by "
+                          "TensorBoard. Make the input array a tuple representing the positional arguments to "
+                          "the model's `forward()` implementation.")
+        else:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            self.experiment.add_graph(model, move_to_device(input_array, device))
 
     def save(self) -> None:
         """Flush; for a remote log dir, also upload.

@@ -1,7 +1,8 @@
 """Evaluation loops: validation (also inside fit), test and predict.
 
-Eval mode and ``torch.no_grad`` for the whole pass; the module's previous mode is restored after,
-so a validation in the middle of an epoch returns to training mode.
+Eval mode and ``torch.no_grad`` (``torch.inference_mode`` where Lightning uses it) for the whole
+pass; the module's previous mode is restored after, so a validation in the middle of an epoch
+returns to training mode.
 
 With several ranks every sample is evaluated exactly once (loaders.py ``EvalShard``): ranks may
 run different numbers of batches, so an evaluation step must not run a per-batch collective.
@@ -81,6 +82,11 @@ def run_evaluation(run, loaders: list, stage: str, max_batches: float = math.inf
     """One pass over ``loaders`` with ``{stage}_step``; returns the epoch metrics. Predictions
     are kept in ``run.predict_loop``. ``max_batches``: per loader, below the stage's limit (the
     sanity check's)."""
+    with _grad_mode(run):
+        return _evaluation_pass(run, loaders, stage, max_batches)
+
+
+def _evaluation_pass(run, loaders: list, stage: str, max_batches: float) -> dict[str, float]:
     module, hook = run.module, _HOOK[stage]
     step_fn = run.strategy.step_fn(_STEP[stage])
     pass_batch_idx = takes_batch_idx(getattr(module, _STEP[stage]))
@@ -95,7 +101,7 @@ def run_evaluation(run, loaders: list, stage: str, max_batches: float = math.inf
     try:
         run.hooks.call(f"on_{hook}_start")
         run.hooks.call(f"on_{hook}_epoch_start")
-        with torch.no_grad(), run.strategy.evaluation(_shard_sizes(loaders, limits)):
+        with run.strategy.evaluation(_shard_sizes(loaders, limits)):
             for dl_idx, loader in enumerate(loaders):
                 shard = loader.batch_sampler if isinstance(getattr(loader, "batch_sampler", None), EvalShard) else None
                 if shard is not None:
@@ -137,6 +143,18 @@ def run_evaluation(run, loaders: list, stage: str, max_batches: float = math.inf
         run.metrics.stage = previous_stage
         _restore_modes(module, modes, f"{_MODEL_HOOK[stage]}_train")
     return values
+
+
+def _grad_mode(run):
+    """Lightning's for the whole pass, hooks included: ``torch.inference_mode`` for
+    trainer.validate/test/predict with ``inference_mode=True``; ``torch.no_grad`` for the
+    validation inside fit, over gloo (CPU workers: its collectives fail on inference tensors),
+    with FSDP, or with ``inference_mode=False``."""
+    cfg, ctx = run.cfg, run.ctx
+    if run.stage == "fit" or not cfg.inference_mode or cfg.strategy.startswith("fsdp") or \
+            (ctx.world_size > 1 and run.device.type == "cpu"):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 def _restore_modes(module, modes: dict, train_hook: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from raytrainer import redaction
 from raytrainer.checkpoint.format import checkpoints_root
-from raytrainer.checkpoint.store import load
+from raytrainer.checkpoint.lightning_file import load_for_run
 from raytrainer.loop.evaluate import run_evaluation
 from raytrainer.loop.fit import fit_loop
 from raytrainer.loop.fit_data import FitData, seeding_workers
@@ -99,13 +99,14 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     start_from = ctx.restart_checkpoint() or resume_uri
     if start_from is not None:
         # A sharded checkpoint loads straight into an FSDP model's shards (the strategy's target)
-        run.restore(load(start_from, cfg.storage_options, strategy=run.strategy), weights_only=stage != "fit",
+        run.restore(load_for_run(start_from, cfg.storage_options, strategy=run.strategy), weights_only=stage != "fit",
                     own_run=start_from.startswith(checkpoints_root(cfg) + "/"))
         if data is not None:
             data.restored()
     if stage == "fit":
         for lg in run.loggers if cfg.enable_autolog_hparams else ():
             lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
+            lg.log_graph(module)  # TensorBoardLogger(log_graph=True): example_input_array traced
         run.profiler.start(ctx, run.device, cfg)
         with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
             fit_loop(run, data)
@@ -130,7 +131,8 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     module.teardown(stage)
     for lg in run.loggers:
         lg.finalize("preempted" if run.preempted else "success")
-    out.update(global_step=run.progress.global_step, current_epoch=run.progress.lightning_epoch)
+    out.update(global_step=run.progress.global_step, current_epoch=run.progress.lightning_epoch,
+               batches_stepped=run.progress.batches_stepped)
     return out
 
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from raytrainer.checkpoint import store
+from raytrainer.checkpoint import lightning_file, store
 from raytrainer.checkpoint.format import checkpoint_uri
 from raytrainer.checkpoint.writer import CheckpointWriter
 from raytrainer.errors import NonFiniteLossError
+from raytrainer.loggers.base import off_rank_zero
 from raytrainer.loop import state
 from raytrainer.loop.evaluate import PredictLoop
 from raytrainer.loop.hooks import Hooks, merge_callbacks
@@ -86,6 +87,9 @@ class Run:
         self.predict_loop = PredictLoop(keep=trainer._return_predictions or any(
             getattr(cb, "keeps_predictions", False) for cb in callbacks))
         self.loggers = list(trainer._loggers) if ctx.global_rank == 0 else []
+        # What modules and callbacks see as trainer.loggers: elsewhere than on rank zero, the same
+        # loggers doing nothing (Lightning's rank_zero_only methods and dummy experiment).
+        self.visible_loggers = self.loggers if ctx.global_rank == 0 else [off_rank_zero(lg) for lg in trainer._loggers]
         self.hooks = Hooks(trainer, module, self.callbacks, self.profiler)
         self.precision = build_precision(self.cfg.precision, self.device)
         self.writer = CheckpointWriter(asynchronous=self.cfg.async_checkpoint, policy=self.cfg.checkpoint_retry)
@@ -107,7 +111,9 @@ class Run:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scheduler_configs: list[SchedulerConfig] = []
         self.optimizer_handles: list[OptimizerHandle] = []
-        self.progress = Progress()
+        # validate/test/predict keep the counters the trainer's last fit left (Lightning's loops
+        # are the trainer's): self.global_step in test_step reads the trained steps.
+        self.progress = Progress() if stage == "fit" else Progress(**trainer._counters())
         self.boundary = Boundary()
         self.num_training_batches: float = math.inf
         self.num_val_batches: list[float] = []   # per validation loader, after limit_val_batches
@@ -358,6 +364,20 @@ class Run:
             lg.save()
         self.boundary.checkpoint = uri  # reported with the boundary's metrics (fit.py)
         return uri
+
+    def export_checkpoint(self, path: str, weights_only: bool = False) -> str:
+        """The current state as one Lightning ``.ckpt`` file at ``path`` (any fsspec URI); every
+        rank calls this (gathering the state is a collective), rank 0 writes."""
+        if self.strategy.sharded_checkpoint:
+            raise ValueError(f"save_checkpoint({path!r}): a sharded FSDP state is a folder of shards, not one "
+                             "file; use strategy='fsdp' (full state) to export a .ckpt, or save_checkpoint() "
+                             "for the run's sharded checkpoint")
+        snapshot = state.checkpoint_state(self)
+        if self.ctx.global_rank == 0:
+            lightning_file.write_ckpt(path, lightning_file.lightning_dict(snapshot, weights_only),
+                                      self.cfg.storage_options)
+        self.ctx.barrier()
+        return path
 
     def wait_for_commits(self) -> None:
         """Every checkpoint committed (or its failure raised): before fit returns."""

@@ -88,13 +88,23 @@ def restore(run, state: dict, weights_only: bool = False, own_run: bool = True) 
     progress.epoch_finished = state["loops"]["epoch_finished"]
     progress.batches_stepped = state["loops"].get("batches_stepped", progress.global_step)  # older checkpoints
     rank_states = state["rank_states"]
+    saved_position = progress.position()
+    if not rank_states:  # a Lightning .ckpt: no RNG saved, the epoch restarts (checkpoint/lightning_file.py)
+        if progress.epoch_finished:
+            progress.current_epoch += 1
+            progress.batches_done = 0
+            progress.epoch_finished = False
+        return DataPosition(None, None, saved_position)
     # Each rank resumes its own RNG streams; with a different world size, rank 0's.
     rank_state = rank_states.get(run.ctx.global_rank, rank_states.get(0))
     if len(rank_states) != run.ctx.world_size:
         _resume_on_another_world_size(run, len(rank_states))
-    saved_position = progress.position()
-    if not progress.epoch_finished:  # the checkpoint's RNG is restored after the epoch's iterator is rebuilt
+    if not progress.epoch_finished and progress.batches_done:
+        # the checkpoint's RNG is restored after the epoch's iterator is rebuilt
         return DataPosition(rank_state["epoch_data_state"], rank_state["rng"], saved_position)
+    if not progress.epoch_finished:  # at an epoch's start (a .ckpt exported after fit): nothing to skip
+        restore_rng_state(rank_state["rng"])
+        return DataPosition(None, None, saved_position)
     # The next epoch starts fresh: its RNG capture must see the saved state.
     restore_rng_state(rank_state["rng"])
     progress.current_epoch += 1

@@ -2,6 +2,8 @@
 ``trainer.strategy``, and raytrainer's checkpoint boundary and ``save_checkpoint``."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -68,8 +70,8 @@ def test_save_checkpoint_commits_the_current_position_once_and_refuses_what_it_c
     assert first == again and first.endswith("/checkpoints/step=000000003")
     assert rt.load_checkpoint(first)["global_step"] == 3  # committed when save_checkpoint returned
     assert trainer.save_checkpoint().endswith("/checkpoints/step=000000005")  # after fit: where it ended
-    with pytest.raises(NotImplementedError, match=r"save_checkpoint\('model.ckpt'\): checkpoints are written "
-                                                   r"to the run's checkpoint folder"):
-        trainer.save_checkpoint("model.ckpt")
-    with pytest.raises(NotImplementedError, match=r"weights_only=True"):
+    exported = trainer.save_checkpoint(str(tmp_path / "export" / "model.ckpt"))  # one Lightning file, there
+    assert exported == str(tmp_path / "export" / "model.ckpt") and os.listdir(tmp_path / "export") == ["model.ckpt"]
+    assert torch.load(exported, weights_only=True)["global_step"] == 5
+    with pytest.raises(ValueError, match=r"save_checkpoint\(weights_only=True\) needs a filepath"):
         trainer.save_checkpoint(weights_only=True)

@@ -323,5 +323,3 @@ def test_lightnings_logger_arguments_lay_out_and_name_as_lightning_does(tmp_path
     ours, theirs = run(rt.loggers, tmp_path / "ours"), run(pl.loggers, tmp_path / "theirs")
     assert ours == theirs
     assert ours[:3] == (os.path.join("exp", "version_3", "s"), os.path.join("tab", "v"), {"p-loss", "p-hp_metric"})
-    with pytest.raises(ValueError, match=r"log_graph=True\) is not supported"):
-        rt.loggers.TensorBoardLogger(log_graph=True)

@@ -93,11 +93,18 @@ class Recorder(rt.Module):
 
 class HookedRecorder(Recorder):
     """Lightning's step hooks on Ray workers: an LR warm-up in optimizer_step, a batch-transfer
-    hook, configure_model; what each worker saw goes to its rank file."""
+    hook, configure_model, strategy.broadcast and all_gather; what each worker saw goes to its
+    rank file."""
 
     def __init__(self, out_dir):
         super().__init__(out_dir=out_dir)
         self.hooked = {"lrs": [], "transfers": [], "configure_model": 0, "sanity": 0}
+
+    def on_fit_start(self):
+        self.hooked["broadcast"] = self.trainer.strategy.broadcast({"from": self.global_rank})
+
+    def on_train_epoch_end(self):
+        self.hooked["gathered"] = self.all_gather({"rank": torch.tensor([float(self.global_rank)])})
 
     def configure_model(self):
         self.hooked["configure_model"] += 1
@@ -163,6 +170,9 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     for rank, val_batches in ((0, 6), (1, 5)):  # 101 samples in batches of 10: 11 batches, interleaved
         hooked = torch.load(tmp_path / f"hooked{rank}.pt")
         assert hooked["lrs"] == [0.025, 0.05, 0.05, 0.05] and hooked["configure_model"] == 1
+        # the distributed helpers Lightning code calls, on real Ray workers
+        assert hooked["broadcast"] == {"from": 0}
+        assert torch.equal(hooked["gathered"]["rank"], torch.tensor([[0.0], [1.0]]))
         assert hooked["transfers"].count((True, 0)) == 4 and hooked["sanity"] == 2
         assert hooked["transfers"].count((False, 0)) == 2 + val_batches
         # the embedded cluster has the settings in its environment: neither the controller nor
