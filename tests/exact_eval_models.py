@@ -57,7 +57,7 @@ class Classifier(rt.Module):
         self.log("val_acc", self.acc.compute())
         self.acc.reset()
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self):

@@ -11,6 +11,7 @@ a collective (FSDP) gathers its parameters once for the pass instead (``Strategy
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,7 @@ def run_evaluation(run, loaders: list, stage: str, max_batches: float = math.inf
 
 def _evaluation_pass(run, loaders: list, stage: str, max_batches: float) -> dict[str, float]:
     module, hook = run.module, _HOOK[stage]
+    _check_dataloader_idx(module, stage, several=len(loaders) > 1)
     step_fn = run.strategy.step_fn(_STEP[stage])
     pass_batch_idx = takes_batch_idx(getattr(module, _STEP[stage]))
     limits = [min(max_batches, _limit(getattr(run.cfg, _LIMIT[stage]), loader)) for loader in loaders]
@@ -143,6 +145,24 @@ def _evaluation_pass(run, loaders: list, stage: str, max_batches: float) -> dict
         run.metrics.stage = previous_stage
         _restore_modes(module, modes, f"{_MODEL_HOOK[stage]}_train")
     return values
+
+
+def _check_dataloader_idx(module, stage: str, several: bool) -> None:
+    """Lightning's check, before the first batch: with several loaders the step (and the batch
+    hooks the module overrides) take ``dataloader_idx``; with one, it must have a default."""
+    prefix = "val" if stage == "validate" else stage
+    hooks = [_STEP[stage]] + [h for h in (f"on_{_HOOK[stage]}_batch_start", f"on_{_HOOK[stage]}_batch_end")
+                              if is_overridden(h, module, Module)]
+    for name in hooks:
+        params = inspect.signature(getattr(module, name)).parameters
+        takes = "dataloader_idx" in params
+        if several and not takes:
+            raise RuntimeError(f"You provided multiple `{prefix}_dataloader`, but no `dataloader_idx` argument in "
+                               f"`{type(module).__name__}.{name}()`. Try adding `dataloader_idx=0` to its signature.")
+        if not several and takes and params["dataloader_idx"].default is inspect.Parameter.empty:
+            raise RuntimeError(f"You provided only a single `{prefix}_dataloader`, but have included `dataloader_idx` "
+                               f"in `{type(module).__name__}.{name}()`. Either remove the argument or give it a "
+                               "default value i.e. `dataloader_idx=0`.")
 
 
 def _grad_mode(run):

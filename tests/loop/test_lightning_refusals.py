@@ -79,3 +79,38 @@ def test_add_dataloader_idx_false_and_rank_zero_only_as_lightning(tmp_path):
                         enable_model_summary=False).validate(Theirs(), loaders(), verbose=False)
     assert [set(d) for d in ours] == [set(d) for d in theirs]
     assert all(a == pytest.approx(b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("loaders, signature", [(2, "without"), (1, "required")])
+def test_dataloader_idx_in_the_step_signature_is_checked_as_lightning_checks_it(tmp_path, loaders, signature):
+    """Several loaders and a step without dataloader_idx (or one loader and a dataloader_idx with no
+    default): Lightning's error, word for word, before the first batch."""
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Steps:
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.batches = 0
+
+        if signature == "without":
+            def test_step(self, batch, batch_idx):
+                self.batches += 1
+        else:
+            def test_step(self, batch, batch_idx, dataloader_idx):
+                self.batches += 1
+
+    def data():
+        return [torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+                for _ in range(loaders)]
+    messages = []
+    for base in (rt.Module, pl.LightningModule):
+        module = type("Model", (Steps, base), {})()
+        trainer = make_trainer(tmp_path) if base is rt.Module else pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(tmp_path))
+        with pytest.raises(RuntimeError) as raised:
+            trainer.test(module, data())
+        messages.append(str(raised.value))
+        assert module.batches == 0
+    assert messages[0] == messages[1] and "dataloader_idx" in messages[0]

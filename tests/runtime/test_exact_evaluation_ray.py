@@ -19,9 +19,14 @@ def test_two_workers_test_and_predict_exactly_over_101_samples(ray_cluster, tmp_
     trainer = rt.Trainer(devices=2, seed=0, storage_path=str(tmp_path), name="exact", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False)
     model = Classifier()
-    # test on a Ray Dataset: Ray's split of evaluation data drops no row and repeats none
-    tested = trainer.test(model, rt.RayDataLoader(ray.data.from_items(ray_rows()), batch_size=10, dtypes=DTYPES))
-    assert_close(tested[0], one_process(model, "test"))
+    # test on a Ray Dataset and a torch loader at once: Ray's split of evaluation data drops no row
+    # and repeats none; the two loaders' values are kept apart (name/dataloader_idx_N, Lightning's),
+    # the torchmetrics accuracy computed over both (it syncs itself across the workers)
+    tested = trainer.test(model, [rt.RayDataLoader(ray.data.from_items(ray_rows()), batch_size=10, dtypes=DTYPES),
+                                  eval_loader()])
+    assert len(tested) == 2 and "test_count/dataloader_idx_1" in tested[1]
+    for idx, got in enumerate(tested):
+        assert_close({k.replace(f"/dataloader_idx_{idx}", ""): v for k, v in got.items()}, one_process(model, "test"))
 
     # predict on both workers, a torch loader and a Ray Dataset: in dataset order on the driver
     by_loader, by_dataset = trainer.predict(model, [eval_loader(), rt.RayDataLoader(
