@@ -340,3 +340,22 @@ def test_max_time_stops_where_lightnings_timer_stops_and_the_budget_survives_a_r
     assert again.global_step == 9
     with pytest.raises(ConfigError, match=r"max_time='1h'\) is invalid: expected 'DD:HH:MM:SS'"):
         rt.Trainer(max_time="1h")
+
+
+def test_sync_batchnorm_needs_gpu_workers(tmp_path):
+    """SyncBatchNorm has no CPU kernel in torch: sync_batchnorm=True on 2 CPU ranks is refused with
+    the reason (not silently per-rank statistics). (num_nodes: tests/runtime/test_ray_train.py.)"""
+    from multirank import GlooContext, run_ranks
+
+    from raytrainer.loop.execute import execute
+
+    def rank_fn(rank, world_size):
+        model = type("M", (Watches, rt.Module), {})()
+        model.norm = nn.BatchNorm1d(2)
+        try:
+            execute(make_trainer(tmp_path, sync_batchnorm=True), "fit", model, None, {"train": data(8)}, None,
+                    GlooContext(rank, world_size))
+        except ValueError as e:
+            return str(e)
+    assert run_ranks(rank_fn) == ["Trainer(sync_batchnorm=True) needs GPU workers (torch's SyncBatchNorm runs on "
+                                  "CUDA only); on CPU each worker normalizes with its own batch statistics"] * 2

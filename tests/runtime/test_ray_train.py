@@ -135,6 +135,12 @@ def _trainer(tmp_path, **kw):
                       enable_progress_bar=False, **kw)
 
 
+def test_num_nodes_multiplies_the_workers_as_lightning_multiplies_processes():
+    from raytrainer.runtime.ray_train import worker_layout
+    assert worker_layout(rt.Trainer(devices=2, num_nodes=3, accelerator="cpu").cfg, 0) == (False, 6)
+    assert worker_layout(rt.Trainer(devices="auto", accelerator="auto").cfg, 4) == (True, 4)
+
+
 def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_cluster, tmp_path):
     """Also profiled (one fit pays Ray's fixed cost for all): rank 1 loads its data slowly, and
     the simple profiler's table names it as the rank that waited longest for data. And its
