@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raytrainer.callbacks import Callback, EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar, Timer
+from raytrainer.checkpoint import lightning_file
 from raytrainer.checkpoint.store import list_committed
 from raytrainer.config import TrainerConfig
 from raytrainer.data import DataModule
@@ -238,6 +239,8 @@ class Trainer:
         there returns the same URI); ``wait=False`` returns once the state is snapshotted (the
         commit goes on in the background) and runs ``after_commit`` once it has committed
         (ModelCheckpoint's retention)."""
+        if filepath is not None and self._run is None and self._last_out:  # the run was on Ray workers
+            return lightning_file.export_newest(self.cfg, self._last_out["global_step"], str(filepath), weights_only)
         run = self._require_run("save_checkpoint()")
         if filepath is not None and str(filepath).rstrip("/") != run.checkpoint_uri():
             return run.export_checkpoint(str(filepath), weights_only)

@@ -21,6 +21,7 @@ import torch
 
 from raytrainer import storage
 from raytrainer.checkpoint.format import COMMIT_FILE, read_marker
+from raytrainer.checkpoint.store import latest_committed
 from raytrainer.checkpoint.store import load as load_committed
 from raytrainer.errors import CheckpointError
 
@@ -82,8 +83,8 @@ def lightning_dict(state: dict, weights_only: bool = False) -> dict:
     if weights_only:
         return out
     extras = {k: v for k, v in state.items() if k not in out and k not in ("rank_state", "loops")}
-    if "rank_state" in state:  # the state of the process that wrote the file
-        extras["rank_states"] = {0: state["rank_state"]}
+    if "rank_state" in state:  # a live snapshot: the state of the process that writes the file
+        extras["rank_states"] = {0: state["rank_state"]}  # (a committed checkpoint has every rank's)
     return {**extras, **out}
 
 
@@ -132,6 +133,19 @@ def write_ckpt(path: str, checkpoint: dict, storage_options: Mapping | None = No
         fs.pipe_file(tmp, buffer.getvalue())
         fs.mv(tmp, fs_path)
     return str(path)
+
+
+def export_newest(cfg, final_step: int, path: str, weights_only: bool = False) -> str:
+    """After a fit on Ray workers (gone by then): the run's newest committed checkpoint, which
+    holds the final weights when it was taken at the fit's last step, as one .ckpt at ``path``."""
+    uri = latest_committed(cfg, cfg.storage_options)
+    state = load_committed(uri, cfg.storage_options) if uri else None
+    if state is None or state["global_step"] != final_step:
+        raise ValueError(f"save_checkpoint({path!r}) after a fit on Ray workers exports the run's newest committed "
+                         f"checkpoint, and none was committed at its last step ({final_step}): keep "
+                         "enable_checkpointing=True with ModelCheckpoint(save_last=True), or call "
+                         "trainer.save_checkpoint(path) from a callback during the fit")
+    return write_ckpt(path, lightning_dict(state, weights_only), cfg.storage_options)
 
 
 def is_ckpt_file(path: str, storage_options: Mapping | None = None) -> bool:

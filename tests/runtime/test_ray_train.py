@@ -148,7 +148,8 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     once, the loss what one process computes (tests/runtime/test_exact_evaluation_ray.py: test and
     predict)."""
     model = HookedRecorder(out_dir=str(tmp_path))
-    result = _trainer(tmp_path, max_epochs=1, profiler="simple").fit(
+    trainer = _trainer(tmp_path, max_epochs=1, profiler="simple")
+    result = trainer.fit(
         model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True), DataLoader(Indexed(101), batch_size=10))
     assert result.metrics["val_count"] == 101
     with torch.no_grad():  # validation ran after the last step: the weights the caller holds
@@ -165,8 +166,10 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     setups = (tmp_path / "setup.calls").read_text().splitlines()
     assert sorted(line.split()[1] for line in setups) == ["0", "1"] and len({line.split()[0] for line in setups}) == 2
     committed = rt.load_checkpoint(result.last_checkpoint)["state_dict"]
+    exported = torch.load(trainer.save_checkpoint(str(tmp_path / "final.ckpt")), weights_only=True)
+    assert exported["global_step"] == 4 and sorted(exported["rank_states"]) == [0, 1]
     for k, v in model.state_dict().items():  # the caller's model holds the final weights
-        assert torch.equal(v, committed[k])
+        assert torch.equal(v, committed[k]) and torch.equal(v, exported["state_dict"][k])
     wait = result.profile["slowest_rank_data_wait"]
     assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
     assert "slowest rank data wait: rank 1" in result.profile["table"]
