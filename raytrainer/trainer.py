@@ -18,6 +18,8 @@ from raytrainer.loggers import CSVLogger, Logger, TensorBoardLogger
 from raytrainer.loop.evaluate import merge_predictions
 from raytrainer.module import Module
 from raytrainer.result import FitResult
+from raytrainer.refusals import check_module as _check_module
+from raytrainer.refusals import refuse_unsupported as _refuse
 from raytrainer.runtime import preflight
 from raytrainer.runtime.local import launch_local
 from raytrainer.utilities import show_info_logs
@@ -314,7 +316,18 @@ class Trainer:
     max_epochs = property(lambda self: self.cfg.max_epochs)
     max_steps = property(lambda self: self.cfg.max_steps)
     log_every_n_steps = property(lambda self: self.cfg.log_every_n_steps)
-    accumulate_grad_batches = property(lambda self: self.cfg.accumulate_grad_batches)
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self._run.accumulate_grad_batches if self._run is not None else self.cfg.accumulate_grad_batches
+
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, value: int) -> None:
+        """During a fit (GradientAccumulationScheduler, at an epoch's start); else Trainer(...)."""
+        if self._run is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches = {value!r}: set an int >= 1 during a fit (at an "
+                             "epoch's start, as GradientAccumulationScheduler does), or pass "
+                             "Trainer(accumulate_grad_batches=...)")
+        self._run.accumulate_grad_batches = value
     precision = property(lambda self: self.cfg.precision)
     val_check_interval = property(lambda self: self.cfg.val_check_interval)
     check_val_every_n_epoch = property(lambda self: self.cfg.check_val_every_n_epoch)
@@ -441,46 +454,6 @@ class Trainer:
 
     def __getstate__(self):  # a Trainer travels to Ray workers without its finished run
         return {**self.__dict__, "_run": None}
-
-
-# LightningModule hooks a module may override that the loop does not call (yet): an override is an
-# error before anything starts, never silently skipped.
-# Lightning hooks raytrainer does not call: a module defining one is refused (never skipped).
-LIGHTNING_HOOKS_NOT_CALLED = ("configure_sharded_model",)
-
-
-# Lightning Trainer arguments raytrainer does not implement: refused by name, with the way to go.
-_NOT_SUPPORTED = {
-    "plugins": "precision= selects the precision; storage_path/storage_options the checkpoint storage; "
-               "Ray sets up the cluster",
-    "model_registry": "upload the checkpoint from storage_path after fit",
-}
-
-
-def _refuse(kwargs: dict) -> None:
-    for name in kwargs:
-        if name in _NOT_SUPPORTED:
-            raise ConfigError(f"Trainer({name}=...) is a Lightning argument raytrainer does not support: "
-                              f"{_NOT_SUPPORTED[name]}")
-    if kwargs:
-        raise TypeError(f"Trainer() got unexpected keyword arguments {sorted(kwargs)}")
-
-
-def _check_module(model, stage: str) -> None:
-    if not isinstance(model, Module):
-        raise TypeError(f"expected an rt.Module (a raytrainer.Module subclass), got {type(model).__name__}. "
-                        "A LightningModule only needs its import changed: `import raytrainer as rt; "
-                        "class Lit(rt.Module)`")
-    overridden = [hook for hook in LIGHTNING_HOOKS_NOT_CALLED if callable(getattr(type(model), hook, None))]
-    if overridden:
-        raise TypeError(f"{type(model).__name__} overrides {', '.join(overridden)}: Lightning hooks raytrainer does "
-                        "not call (configure_sharded_model is Lightning's deprecated name: rename it "
-                        "configure_model). Never silently skipped")
-    if stage == "fit" and type(model).training_step is Module.training_step:
-        raise TypeError(f"{type(model).__name__} does not define training_step(self, batch, batch_idx)")
-    if stage == "fit" and model.automatic_optimization and \
-            type(model).configure_optimizers is Module.configure_optimizers:
-        raise TypeError(f"{type(model).__name__} does not define configure_optimizers()")
 
 
 def _build_loggers(logger: Any) -> list[Logger]:

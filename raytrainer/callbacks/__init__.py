@@ -1,5 +1,7 @@
 from raytrainer.callbacks.base import Callback
 from raytrainer.callbacks.early_stopping import EarlyStopping
+from raytrainer.callbacks.gradient_accumulation import GradientAccumulationScheduler
+from raytrainer.callbacks.lambda_function import LambdaCallback
 from raytrainer.callbacks.lr_monitor import LearningRateMonitor
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
@@ -8,5 +10,6 @@ from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.callbacks.throughput import ThroughputMonitor
 from raytrainer.callbacks.timer import Timer
 
-__all__ = ["BasePredictionWriter", "Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint",
-           "ModelSummary", "ProgressBar", "ThroughputMonitor", "Timer", "TorchPredictionWriter"]
+__all__ = ["BasePredictionWriter", "Callback", "EarlyStopping", "GradientAccumulationScheduler", "LambdaCallback",
+           "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar", "ThroughputMonitor", "Timer",
+           "TorchPredictionWriter"]

@@ -21,7 +21,7 @@ class TrainingClosure:
     def __init__(self, run, batch: Any, batch_idx: int):
         self.run, self.batch, self.batch_idx = run, batch, batch_idx
         # gradients are cleared at a window's first batch (Lightning's place), even without a loss
-        self.window_start = batch_idx % run.cfg.accumulate_grad_batches == 0
+        self.window_start = batch_idx % run.accumulate_grad_batches == 0
         self.outputs: Any = None
         self.loss: torch.Tensor | None = None
         self.calls = 0
@@ -33,7 +33,7 @@ class TrainingClosure:
             outputs = run.training_step(self.batch, self.batch_idx)
         self.outputs, self.calls = outputs, self.calls + 1
         loss = extract_loss(outputs)
-        k = run.cfg.accumulate_grad_batches
+        k = run.accumulate_grad_batches
         # Backward runs outside autocast (as torch recommends); the loss is averaged over the
         # window so k accumulated micro-batches equal one batch k times larger.
         with prof.region(BACKWARD):

@@ -88,7 +88,7 @@ def train_epoch(run, data: FitData) -> str:
         it = run.epoch_iterator(train)
 
     n = run.num_training_batches
-    accumulate = cfg.accumulate_grad_batches
+    accumulate = run.accumulate_grad_batches  # read after on_train_epoch_start: a callback may set it
     automatic = module.automatic_optimization
     data_region = prof.region(DATA_NEXT)
     batch_idx = start

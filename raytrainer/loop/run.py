@@ -115,6 +115,9 @@ class Run:
         # are the trainer's): self.global_step in test_step reads the trained steps.
         self.progress = Progress() if stage == "fit" else Progress(**trainer._counters())
         self.boundary = Boundary()
+        # trainer.accumulate_grad_batches: a callback may change it at an epoch's start
+        # (GradientAccumulationScheduler); the loop reads it there.
+        self.accumulate_grad_batches: int = self.cfg.accumulate_grad_batches
         self.num_training_batches: float = math.inf
         self.num_val_batches: list[float] = []   # per validation loader, after limit_val_batches
         self.epoch_data_state: dict | None = None  # RNG at the epoch's start (mid-epoch resume)

@@ -1,0 +1,103 @@
+"""Lightning's callbacks beyond the basics, side by side with pytorch-lightning:
+GradientAccumulationScheduler (steps per epoch, weights, a resume inside an accumulating epoch)
+and LambdaCallback (which hooks run, in which order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import raytrainer as rt
+
+pl = pytest.importorskip("pytorch_lightning")
+pytestmark = pytest.mark.timeout(120)
+
+
+def data(n: int = 12, shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 2, generator=g), torch.randn(n, 1, generator=g)),
+                      batch_size=2, shuffle=shuffle)
+
+
+class Steps:
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(2, 1)
+        self.epoch_ends = []
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+    def on_train_epoch_end(self):
+        self.epoch_ends.append((self.current_epoch, self.trainer.global_step, self.trainer.accumulate_grad_batches))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _both(tmp_path, make_callbacks, **kwargs):
+    out = []
+    for base, callbacks in ((rt.Module, rt.callbacks), (pl.LightningModule, pl.callbacks)):
+        module = type("M", (Steps, base), {})()
+        cbs = make_callbacks(callbacks)
+        if base is rt.Module:
+            trainer = make_trainer(tmp_path / "rt", callbacks=cbs, **kwargs)
+        else:
+            trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                                 enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), callbacks=cbs,
+                                 **kwargs)
+        trainer.fit(module, data())
+        out.append((trainer, module, cbs))
+    return out
+
+
+def test_gradient_accumulation_scheduler_steps_like_lightning(tmp_path):
+    """6 batches an epoch: factor 1, then 2 from epoch 1, then 4 from epoch 2 (the last window of
+    epoch 2 closes at the epoch's end with 2 batches)."""
+    (ours, rt_mod, _), (theirs, pl_mod, _) = _both(
+        tmp_path, lambda c: [c.GradientAccumulationScheduler(scheduling={1: 2, 2: 4})], max_epochs=3)
+    assert rt_mod.epoch_ends == pl_mod.epoch_ends == [(0, 6, 1), (1, 9, 2), (2, 11, 4)]
+    for a, b in zip(rt_mod.state_dict().values(), pl_mod.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="Either remove `accumulate_grad_batches` from the Trainer or remove the "
+                                         "callback"):
+        make_trainer(tmp_path, accumulate_grad_batches=2, callbacks=[
+            rt.callbacks.GradientAccumulationScheduler({1: 2})]).fit(type("M", (Steps, rt.Module), {})(), data())
+    with pytest.raises(ValueError, match=r"factors are ints >= 1"):
+        rt.callbacks.GradientAccumulationScheduler({1: 0})
+
+
+def test_a_resume_inside_an_accumulating_epoch_is_exact(tmp_path):
+    def fit(name, max_steps, ckpt_path=None):
+        module = type("M", (Steps, rt.Module), {})()
+        trainer = make_trainer(tmp_path, name=name, max_epochs=3, max_steps=max_steps, enable_checkpointing=True,
+                               callbacks=[rt.callbacks.GradientAccumulationScheduler({1: 2, 2: 4}),
+                                          rt.callbacks.ModelCheckpoint(save_last=True, save_top_k=0)])
+        torch.manual_seed(1)
+        trainer.fit(module, data(shuffle=True), ckpt_path=ckpt_path)
+        return module
+    whole = fit("whole", -1)
+    fit("parts", 8)  # 2 of epoch 1's 3 windows
+    rest = fit("parts", -1, ckpt_path="last")
+    assert rest.epoch_ends[-1] == whole.epoch_ends[-1] == (2, 11, 4)
+    for a, b in zip(rest.state_dict().values(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_lambda_callback_runs_its_functions_where_lightning_does(tmp_path):
+    def make(callbacks):
+        calls = []
+        callback = callbacks.LambdaCallback(
+            on_train_epoch_start=lambda trainer, module: calls.append(("epoch start", trainer.current_epoch)),
+            on_train_batch_end=lambda trainer, module, outputs, batch, batch_idx: calls.append(
+                ("batch end", batch_idx, round(float(outputs["loss"]), 6))),
+            on_fit_end=lambda trainer, module: calls.append(("fit end", trainer.global_step)))
+        callback.calls = calls
+        return [callback]
+    (_, _, [ours]), (_, _, [theirs]) = _both(tmp_path, make, max_epochs=1, limit_train_batches=3)
+    assert ours.calls == theirs.calls and ours.calls[-1] == ("fit end", 3) and len(ours.calls) == 5
+    with pytest.raises(TypeError, match=r"\['on_epoch_strat'\], which are not callback hooks"):
+        rt.callbacks.LambdaCallback(on_epoch_strat=print)
