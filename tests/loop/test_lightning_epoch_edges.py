@@ -211,3 +211,41 @@ def test_schedulers_step_where_lightnings_do(tmp_path):
     assert rt_mod.seen == pl_mod.seen
     assert len({tuple(s[2]) for s in rt_mod.seen if s[0] == "lr"}) > 4  # both kinds stepped
     assert rt_rows.rows == pl_rows.rows
+
+
+def test_reloaded_loaders_are_sharded_on_every_rank(tmp_path):
+    """On 2 ranks each reloaded epoch is split between them: disjoint halves, the new size."""
+    from multirank import GlooContext, run_ranks
+
+    from raytrainer.loop.execute import execute
+
+    class Indexed(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i), 0.0]), torch.tensor([0.0])
+
+    class Grows(Records, rt.Module):
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch[0][:, 0].int().tolist()))
+            return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def on_train_epoch_end(self):
+            pass
+
+        def train_dataloader(self):
+            return DataLoader(Indexed(4 * (self.current_epoch + 1)), batch_size=2)
+
+    def rank_fn(rank, world_size):
+        module = Grows()
+        execute(make_trainer(tmp_path, max_epochs=2, reload_dataloaders_every_n_epochs=1), "fit", module, None, {},
+                None, GlooContext(rank, world_size))
+        return module.seen
+    ranks = run_ranks(rank_fn)
+    for epoch, size in ((0, 4), (1, 8)):
+        shards = [sorted(i for e, ids in seen if e == epoch for i in ids) for seen in ranks]
+        assert sorted(shards[0] + shards[1]) == list(range(size)) and not set(shards[0]) & set(shards[1])
