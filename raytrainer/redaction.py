@@ -125,6 +125,22 @@ def module_hparams(module) -> dict:
     return redact(dict(module.hparams), also=getattr(module, "_rt_secret_hparams", ()))
 
 
+def run_hparams(module, datamodule=None) -> dict:
+    """What a fit logs as its hyperparameters, as Lightning does: the module's and the
+    datamodule's merged (a key in both with different values is an error), redacted, with the
+    secret paths the driver marked on each (``mark_secret_hparams``)."""
+    hparams = module_hparams(module)
+    extra = {}
+    if datamodule is not None and getattr(datamodule, "hparams", None):
+        extra = redact(dict(datamodule.hparams), also=getattr(datamodule, "_rt_secret_hparams", ()))
+    conflicting = [k for k in hparams.keys() & extra.keys()
+                   if type(hparams[k]) is not type(extra[k]) or hparams[k] != extra[k]]
+    if conflicting:
+        raise RuntimeError(f"Error while merging hparams: the keys {conflicting} are present in both the "
+                           "LightningModule's and LightningDataModule's hparams but have different values.")
+    return {**hparams, **extra}
+
+
 def mark_secret_hparams(module) -> list[tuple]:
     """In the launching process: find the module's secret hparams, remember their paths on the
     module (so workers, whose environment may lack the driver's variables, redact them too) and

@@ -212,7 +212,7 @@ class Trainer:
             raise TypeError(f"datamodule must be an rt.DataModule, got {type(datamodule).__name__}")
         show_info_logs()
         self._should_stop = False
-        resume_uri = preflight.prepare(self, stage, model, ckpt_path)
+        resume_uri = preflight.prepare(self, stage, model, ckpt_path, datamodule)
         if self.cfg.launcher == "local":
             out = launch_local(self, stage, model, datamodule, loaders, resume_uri)
         else:

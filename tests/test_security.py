@@ -181,8 +181,8 @@ def test_a_secret_hyperparameter_is_redacted_everywhere_the_run_writes(tmp_path,
     _written_by_every_writer(_leaks(files, [CANARY])[CANARY])
 
     expected = {"note": MARKER, "api_key": MARKER, "canary": CANARY, "lr": 0.1, "hidden": 4, "seed": 0}
-    for name in ("leaky/tensorboard/hparams.yaml", "leaky/csv/hparams.yaml"):
-        assert yaml.safe_load(files[name]) == expected
+    for name in ("leaky/tensorboard/hparams.yaml", "leaky/csv/hparams.yaml"):  # with the datamodule's (Lightning)
+        assert yaml.safe_load(files[name]) == {**expected, "batch_size": 4, "n": 8}
     assert rt.load_checkpoint(result.last_checkpoint)["hyper_parameters"] == expected
     assert (model.hparams.note, model.hparams.api_key) == (secret, LITERAL_KEY)  # the module keeps its own
 
@@ -386,3 +386,28 @@ def test_torch_load_in_checkpoints_is_weights_only(tmp_path, monkeypatch):
     rt.load_checkpoint(result.last_checkpoint)
     trainer.fit(TinyRegressor(), datamodule=TinyData(n=8), ckpt_path="last")
     assert calls and all(c is True for c in calls), calls
+
+
+def test_a_datamodules_secret_hparam_is_redacted_where_the_environment_lacks_it(monkeypatch):
+    """The datamodule's hparams are logged with the module's (Lightning's merge): the paths of
+    secrets found on the driver travel with it, so a Ray worker without the variable redacts them."""
+    import warnings as _warnings
+
+    from raytrainer import redaction
+    secret = ENV_SECRETS["AWS_SECRET_ACCESS_KEY"]
+
+    class Data(rt.DataModule):
+        def __init__(self, source: str = "", batch_size: int = 4):
+            super().__init__()
+            self.save_hyperparameters()
+
+    data, model = Data(source=secret), SecretRegressor()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with _warnings.catch_warnings(record=True):
+        _warnings.simplefilter("always")
+        redaction.mark_secret_hparams(model)
+        redaction.mark_secret_hparams(data)  # on the driver (runtime/preflight.py)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")  # a worker's environment
+    logged = redaction.run_hparams(model, data)
+    assert logged["source"] == redaction.MARKER and logged["batch_size"] == 4
+    assert data.hparams.source == secret  # the datamodule keeps its own

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from raytrainer import redaction
 from raytrainer.checkpoint.format import checkpoints_root
 from raytrainer.checkpoint.lightning_file import load_for_run
 from raytrainer.loop.evaluate import run_evaluation
@@ -104,9 +103,6 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
         if data is not None:
             data.restored()
     if stage == "fit":
-        for lg in run.loggers if cfg.enable_autolog_hparams else ():
-            lg.log_hyperparams(redaction.module_hparams(module))  # credentials as "<redacted>"
-            lg.log_graph(module)  # TensorBoardLogger(log_graph=True): example_input_array traced
         run.profiler.start(ctx, run.device, cfg)
         with torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
             fit_loop(run, data)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def fit_loop(run, data: FitData) -> None:
     run.hooks.call("on_fit_start")
+    run.log_hyperparams()  # after on_fit_start, as Lightning
     if data.val and not run.resumed:
         run_sanity_check(run, data.val)  # not when resuming: the run already passed it
     run.hooks.call("on_train_start")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from raytrainer import redaction
 from raytrainer.checkpoint import lightning_file, store
 from raytrainer.checkpoint.format import checkpoint_uri
 from raytrainer.checkpoint.writer import CheckpointWriter
@@ -323,6 +324,16 @@ class Run:
         condition) would leave the others out of that collective."""
         return (self.progress.batches_stepped + 1) % self.cfg.log_every_n_steps == 0 or (
             self.should_stop and self.ctx.world_size == 1)
+
+    def log_hyperparams(self) -> None:
+        """The module's and datamodule's hparams (redacted) and the model's graph, to the loggers
+        (``enable_autolog_hparams``)."""
+        if not self.loggers or not self.cfg.enable_autolog_hparams:
+            return
+        hparams = redaction.run_hparams(self.module, self.datamodule)
+        for lg in self.loggers:
+            lg.log_hyperparams(hparams)
+            lg.log_graph(self.module)  # TensorBoardLogger(log_graph=True): example_input_array traced
 
     def log_to_loggers(self, metrics: dict[str, float], step: int) -> None:
         if metrics:

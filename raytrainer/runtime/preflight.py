@@ -13,7 +13,7 @@ from raytrainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def prepare(trainer, stage: str, module, ckpt_path) -> str | None:
+def prepare(trainer, stage: str, module, ckpt_path, datamodule=None) -> str | None:
     """Checks before the launch; returns the URI of the checkpoint to start from (or None)."""
     cfg = trainer.cfg
     resume_uri = resume.resolve(ckpt_path, cfg)
@@ -23,6 +23,8 @@ def prepare(trainer, stage: str, module, ckpt_path) -> str | None:
         # Here, with the caller's environment: a Ray worker's may lack the variable a secret
         # hparam came from, so the paths found here travel with the module (see redaction.py).
         redaction.mark_secret_hparams(module)
+        if datamodule is not None:  # its hparams are logged with the module's (redaction.run_hparams)
+            redaction.mark_secret_hparams(datamodule)
     return resume_uri
 
 

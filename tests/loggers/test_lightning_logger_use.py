@@ -120,3 +120,62 @@ def test_self_logger_experiment_on_every_rank_writes_once(tmp_path):
     assert [e.step for e in events.Histograms("first_layer")] == [0, 1]  # 2 steps per rank, rank 0's
     assert [e.value for e in events.Scalars("from_every_rank")] == [0.0]
     assert len(glob.glob(str(tmp_path / "tb" / "shared" / "events.*"))) == 1
+
+
+class HparamsLogger:
+    """Records what log_hyperparams gets, and when (after on_fit_start, as Lightning)."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.events.append(("hparams", dict(params)))
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+
+def test_module_and_datamodule_hparams_are_merged_after_on_fit_start_like_lightning(tmp_path):
+    def run(base, dm_base, loggers_base, trainer_of, clash=False):
+        events = []
+
+        class Model(UsesItsLogger, base):
+            def __init__(self, lr=0.1, batch_size=2):
+                super().__init__()
+                self.save_hyperparameters()
+
+            def training_step(self, batch, batch_idx):
+                return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+            def on_fit_start(self):
+                events.append(("on_fit_start",))
+
+        class Data(dm_base):
+            def __init__(self, batch_size=2, root="data"):
+                super().__init__()
+                self.save_hyperparameters()
+
+            def train_dataloader(self):
+                return data()
+
+        logger = type("Recorder", (HparamsLogger, loggers_base), {"name": "r", "version": 0, "experiment": None})(events)
+        trainer_of(logger).fit(Model(batch_size=4 if clash else 2), datamodule=Data())
+        return events
+
+    ours = run(rt.Module, rt.DataModule, rt.loggers.Logger, lambda lg: make_trainer(tmp_path / "rt", logger=lg))
+    theirs = run(pl.LightningModule, pl.LightningDataModule, pl.loggers.Logger, lambda lg: pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=lg, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path / "pl")))
+    assert ours == theirs == [("on_fit_start",), ("hparams", {"lr": 0.1, "batch_size": 2, "root": "data"})]
+    messages = []
+    for base, dm_base, lg_base, make in ((rt.Module, rt.DataModule, rt.loggers.Logger,
+                                          lambda lg: make_trainer(tmp_path / "rt2", logger=lg)),
+                                         (pl.LightningModule, pl.LightningDataModule, pl.loggers.Logger,
+                                          lambda lg: pl.Trainer(max_epochs=1, accelerator="cpu", logger=lg,
+                                                                enable_progress_bar=False, enable_checkpointing=False,
+                                                                default_root_dir=str(tmp_path / "pl2")))):
+        with pytest.raises(RuntimeError, match="Error while merging hparams") as raised:
+            run(base, dm_base, lg_base, make, clash=True)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
