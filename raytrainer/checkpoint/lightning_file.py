@@ -59,10 +59,12 @@ def read_any(path: str, map_location: Any = None, weights_only: bool | None = No
 
 def _mapped(state: dict, map_location: Any) -> dict:
     """A folder checkpoint's tensors moved as torch.load's ``map_location`` would."""
+    if callable(map_location):
+        raise ValueError("map_location as a function applies to .ckpt files; a checkpoint folder loads its "
+                         "tensors on the CPU: pass a device (or a {from: to} dict) to move them")
+
     def move(x):
         if isinstance(x, torch.Tensor):
-            if callable(map_location):
-                return x  # a function of storages: only torch.load can apply it
             target = map_location.get(str(x.device), x.device) if isinstance(map_location, dict) else map_location
             return x.to(target)
         if isinstance(x, dict):

@@ -113,6 +113,8 @@ def test_load_from_checkpoint_reads_a_run_folder_and_on_load_checkpoint_can_rena
     assert model.hparams.hidden == 3 and model.body[0].weight.shape == (3, 3)
     with pytest.raises(RuntimeError, match=r"size mismatch for net.0.weight"):
         RtRegressor.load_from_checkpoint(folder, hidden=7)  # a mismatched model: strict by default
+    with pytest.raises(ValueError, match="map_location as a function applies to .ckpt files"):
+        RtRegressor.load_from_checkpoint(folder, map_location=lambda storage, location: storage)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         RtRegressor.load_from_checkpoint(str(tmp_path / "nothing.ckpt"))
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
