@@ -117,6 +117,7 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     else:
         eval_loaders = [shard_eval_loader(dl, ctx.world_size, ctx.global_rank, cfg.use_distributed_sampler)
                         for dl in main]
+        run.log_hyperparams()  # every stage logs them, as Lightning
         values = run_evaluation(run, eval_loaders, stage)
         out = {"stage": stage, "metrics": values, "per_loader": run.metrics.per_loader(values, stage, len(eval_loaders))}
         if stage == "predict" and trainer._return_predictions:

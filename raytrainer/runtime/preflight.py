@@ -19,12 +19,12 @@ def prepare(trainer, stage: str, module, ckpt_path, datamodule=None) -> str | No
     resume_uri = resume.resolve(ckpt_path, cfg)
     if stage == "fit" and (cfg.enable_checkpointing or trainer._loggers):
         probe_storage(cfg)
-    if stage == "fit":
-        # Here, with the caller's environment: a Ray worker's may lack the variable a secret
-        # hparam came from, so the paths found here travel with the module (see redaction.py).
-        redaction.mark_secret_hparams(module)
-        if datamodule is not None:  # its hparams are logged with the module's (redaction.run_hparams)
-            redaction.mark_secret_hparams(datamodule)
+    # Here, with the caller's environment: a Ray worker's may lack the variable a secret hparam
+    # came from, so the paths found here travel with the module (see redaction.py). Every stage
+    # logs the hparams (Lightning's), and a fit also checkpoints them.
+    redaction.mark_secret_hparams(module)
+    if datamodule is not None:  # its hparams are logged with the module's (redaction.run_hparams)
+        redaction.mark_secret_hparams(datamodule)
     return resume_uri
 
 

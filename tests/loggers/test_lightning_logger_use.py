@@ -151,6 +151,9 @@ def test_module_and_datamodule_hparams_are_merged_after_on_fit_start_like_lightn
             def on_fit_start(self):
                 events.append(("on_fit_start",))
 
+            def validation_step(self, batch, batch_idx):
+                pass
+
         class Data(dm_base):
             def __init__(self, batch_size=2, root="data"):
                 super().__init__()
@@ -159,15 +162,22 @@ def test_module_and_datamodule_hparams_are_merged_after_on_fit_start_like_lightn
             def train_dataloader(self):
                 return data()
 
+            def val_dataloader(self):
+                return data()
+
         logger = type("Recorder", (HparamsLogger, loggers_base), {"name": "r", "version": 0, "experiment": None})(events)
-        trainer_of(logger).fit(Model(batch_size=4 if clash else 2), datamodule=Data())
+        trainer = trainer_of(logger)
+        model = Model(batch_size=4 if clash else 2)
+        trainer.fit(model, datamodule=Data())
+        trainer.validate(model, datamodule=Data())  # every stage logs them, as Lightning
         return events
 
     ours = run(rt.Module, rt.DataModule, rt.loggers.Logger, lambda lg: make_trainer(tmp_path / "rt", logger=lg))
     theirs = run(pl.LightningModule, pl.LightningDataModule, pl.loggers.Logger, lambda lg: pl.Trainer(
         max_epochs=1, accelerator="cpu", logger=lg, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=str(tmp_path / "pl")))
-    assert ours == theirs == [("on_fit_start",), ("hparams", {"lr": 0.1, "batch_size": 2, "root": "data"})]
+    assert ours == theirs == [("on_fit_start",), ("hparams", {"lr": 0.1, "batch_size": 2, "root": "data"}),
+                              ("hparams", {"lr": 0.1, "batch_size": 2, "root": "data"})]
     messages = []
     for base, dm_base, lg_base, make in ((rt.Module, rt.DataModule, rt.loggers.Logger,
                                           lambda lg: make_trainer(tmp_path / "rt2", logger=lg)),
