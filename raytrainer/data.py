@@ -5,9 +5,10 @@ loop/loaders.py; how Ray Train splits them is runtime/ray_data.py.
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Mapping
 
-from raytrainer.module import collect_init_args
+from raytrainer.checkpoint.lightning_file import read_any
+from raytrainer.module import collect_init_args, construct_from_hparams
 from raytrainer.runtime.ray_internals import copy_dataset
 from raytrainer.utilities import AttributeDict, move_to_device
 
@@ -39,6 +40,18 @@ class DataModule:
     @property
     def hparams(self) -> AttributeDict:
         return self._hparams_store()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, weights_only: bool | None = None,
+                             storage_options: Mapping | None = None, **kwargs: Any) -> "DataModule":
+        """A new datamodule from a checkpoint, as Lightning's: ``cls`` built from the saved
+        ``datamodule_hyper_parameters`` (``kwargs`` override them), then its saved state loaded.
+        Reads what ``Module.load_from_checkpoint`` reads."""
+        checkpoint = read_any(checkpoint_path, map_location, weights_only, storage_options)
+        datamodule = construct_from_hparams(cls, checkpoint.get("datamodule_hyper_parameters"), kwargs)
+        if cls.__qualname__ in checkpoint:
+            datamodule.load_state_dict(checkpoint[cls.__qualname__])
+        return datamodule
 
     @property
     def trainer(self):

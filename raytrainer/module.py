@@ -58,11 +58,7 @@ class Module(nn.Module):
         raytrainer checkpoint folder or a ``.ckpt`` file (raytrainer's or Lightning's), from any
         fsspec URI; ``weights_only`` as ``torch.load``'s (default True)."""
         checkpoint = read_any(checkpoint_path, map_location, weights_only, storage_options)
-        init_kwargs = {**dict(checkpoint.get("hyper_parameters") or {}), **kwargs}
-        params = inspect.signature(cls.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            init_kwargs = {k: v for k, v in init_kwargs.items() if k in params and k != "self"}
-        model = cls(**init_kwargs)
+        model = construct_from_hparams(cls, checkpoint.get("hyper_parameters"), kwargs)
         if is_overridden("configure_model", model, Module):
             model.configure_model()
         model.on_load_checkpoint(checkpoint)
@@ -371,6 +367,16 @@ def is_overridden(name: str, obj: Any, base: type) -> bool:
     if impl is None:
         return False
     return impl is not getattr(base, name, None)
+
+
+def construct_from_hparams(cls, saved: Mapping | None, overrides: Mapping[str, Any]):
+    """``cls(**saved hparams, **overrides)`` as Lightning's loading does: overrides win, and names
+    ``__init__`` does not take are dropped unless it takes ``**kwargs``."""
+    init_kwargs = {**dict(saved or {}), **overrides}
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        init_kwargs = {k: v for k, v in init_kwargs.items() if k in params and k != "self"}
+    return cls(**init_kwargs)
 
 
 def collect_init_args(obj: Any, args: tuple, ignore: str | list[str] | None) -> dict:

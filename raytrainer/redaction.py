@@ -125,14 +125,18 @@ def module_hparams(module) -> dict:
     return redact(dict(module.hparams), also=getattr(module, "_rt_secret_hparams", ()))
 
 
+def datamodule_hparams(datamodule) -> dict:
+    """The datamodule's hparams as they may be written (see ``module_hparams``)."""
+    hparams = getattr(datamodule, "hparams", None)
+    return redact(dict(hparams), also=getattr(datamodule, "_rt_secret_hparams", ())) if hparams else {}
+
+
 def run_hparams(module, datamodule=None) -> dict:
     """What a fit logs as its hyperparameters, as Lightning does: the module's and the
     datamodule's merged (a key in both with different values is an error), redacted, with the
     secret paths the driver marked on each (``mark_secret_hparams``)."""
     hparams = module_hparams(module)
-    extra = {}
-    if datamodule is not None and getattr(datamodule, "hparams", None):
-        extra = redact(dict(datamodule.hparams), also=getattr(datamodule, "_rt_secret_hparams", ()))
+    extra = datamodule_hparams(datamodule) if datamodule is not None else {}
     conflicting = [k for k in hparams.keys() & extra.keys()
                    if type(hparams[k]) is not type(extra[k]) or hparams[k] != extra[k]]
     if conflicting:

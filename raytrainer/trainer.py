@@ -106,6 +106,8 @@ class Trainer:
         self._loggers = [] if self.cfg.fast_dev_run or barebones else _build_loggers(logger)
         self._run = None             # the run in progress, or the last one (loop/run.py)
         self._last_out: dict = {}    # what a run in Ray workers sent back
+        self._module = None          # the module of the last stage (Lightning's lightning_module after it)
+        self._datamodule = None      # the last datamodule given to a stage (Lightning keeps it attached)
         self._should_stop = False
         self._return_predictions = True  # the predict() call's: read by the run (loop/evaluate.py)
         # seed_everything(workers=True) before the Trainer: its loaders seed their worker processes
@@ -201,9 +203,9 @@ class Trainer:
 
     def _model_or_last(self, model):
         if model is None:
-            if self._run is None:
+            if self.lightning_module is None:
                 raise ValueError("pass the model: this Trainer has not fit one yet")
-            model = self._run.module
+            model = self.lightning_module
         _check_module(model, "evaluate")
         return model
 
@@ -212,6 +214,8 @@ class Trainer:
             raise TypeError(f"datamodule must be an rt.DataModule, got {type(datamodule).__name__}")
         show_info_logs()
         self._should_stop = False
+        self._module = model
+        self._datamodule = datamodule if datamodule is not None else self._datamodule
         resume_uri = preflight.prepare(self, stage, model, ckpt_path, datamodule)
         if self.cfg.launcher == "local":
             out = launch_local(self, stage, model, datamodule, loaders, resume_uri)
@@ -438,11 +442,15 @@ class Trainer:
 
     @property
     def lightning_module(self):
-        return self._run.module if self._run is not None else None
+        """The module of the stage in progress, or of the last one (its weights trained there)."""
+        return self._run.module if self._run is not None else self._module
 
     @property
     def datamodule(self):
-        return self._run.datamodule if self._run is not None else None
+        """The datamodule of the stage in progress; between stages, the last one given (a stage
+        without one leaves it attached, as in Lightning)."""
+        run_dm = self._run.datamodule if self._run is not None else None
+        return run_dm if run_dm is not None else self._datamodule
 
     @property
     def estimated_stepping_batches(self) -> float:
@@ -453,7 +461,7 @@ class Trainer:
         return by_epochs if self.cfg.max_steps == -1 else min(self.cfg.max_steps, by_epochs)
 
     def __getstate__(self):  # a Trainer travels to Ray workers without its finished run
-        return {**self.__dict__, "_run": None}
+        return {**self.__dict__, "_run": None, "_module": None}  # the stage's module travels on its own
 
 
 def _build_loggers(logger: Any) -> list[Logger]:

@@ -82,6 +82,8 @@ def lightning_dict(state: dict, weights_only: bool = False) -> dict:
            "global_step": state["global_step"], "state_dict": state["state_dict"],
            "hyper_parameters": dict(state.get("hyper_parameters") or {}),
            "loops": _lightning_loops(state), "raytrainer_loops": state.get("loops", {})}
+    if "datamodule_hyper_parameters" in state:  # Lightning keeps both hparams in a weights-only file too
+        out["datamodule_hyper_parameters"] = dict(state["datamodule_hyper_parameters"])
     if weights_only:
         return out
     extras = {k: v for k, v in state.items() if k not in out and k not in ("rank_state", "loops")}

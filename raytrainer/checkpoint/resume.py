@@ -15,7 +15,7 @@ from typing import Mapping
 
 from raytrainer import storage
 from raytrainer.checkpoint import lightning_file
-from raytrainer.checkpoint.format import read_marker, require_committed
+from raytrainer.checkpoint.format import checkpoints_root, read_marker, require_committed
 from raytrainer.checkpoint.store import latest_committed, load
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ def resolve(ckpt_path: str | None, cfg) -> str | None:
     else:
         require_committed(uri, cfg.storage_options)
     return uri
+
+
+def is_own_checkpoint(uri: str, cfg) -> bool:
+    """True for a checkpoint of this run (its run dir): its loggers' runs are this run's."""
+    return uri.startswith(checkpoints_root(cfg) + "/")
 
 
 def best_checkpoint_recorded_in(uri: str, storage_options: Mapping | None) -> str | None:

@@ -34,8 +34,7 @@ def join(base: str, name: str) -> str:
 
 def leaf(name: str, version: int | str | None = None, sub_dir: str | None = None) -> str:
     """A logger's folder under its save dir, Lightning's layout: ``name[/version_N | /version][/sub_dir]``
-    (no version folder when ``version`` is None: a run's logs stay in its run dir, continued on
-    resume, where Lightning would open the next version_N)."""
+    (no version folder when ``version`` is None: logs in the run dir, see _folder.py)."""
     parts = [name]
     if version is not None:
         parts.append(version if isinstance(version, str) else f"version_{version}")

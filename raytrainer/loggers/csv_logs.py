@@ -6,7 +6,7 @@ import os
 from typing import Any, Mapping
 
 from raytrainer.loggers import _hparams, _sync
-from raytrainer.loggers.base import Logger
+from raytrainer.loggers._folder import FolderLogger
 
 METRICS_FILE = "metrics.csv"
 
@@ -24,7 +24,7 @@ def _read_rows(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     return columns, rows
 
 
-class CSVLogger(Logger):
+class CSVLogger(FolderLogger):
     """Write ``{log_dir}/metrics.csv``: a ``step`` column, then every metric name, sorted.
 
     One row per step: two ``log_metrics`` calls with the same step merge into one row. A metric
@@ -40,14 +40,9 @@ class CSVLogger(Logger):
         if flush_logs_every_n_steps < 1:
             raise ValueError(f"flush_logs_every_n_steps must be >= 1, got "
                              f"{flush_logs_every_n_steps}")
-        self._save_dir = save_dir
-        self._name = name
-        self._version = version
-        self._leaf = _sync.leaf(name, version)  # name[/version_N], as Lightning
+        super().__init__(save_dir, name, version)
         self._prefix = prefix
         self._flush_every = flush_logs_every_n_steps
-        self._storage_options: dict | None = None
-        self._target = _sync.join(save_dir, self._leaf) if save_dir is not None else None
         self._buffer: list[dict[str, Any]] = []  # rows not yet in the file
         self._calls = 0
         self._last_step: int | None = None
@@ -64,42 +59,17 @@ class CSVLogger(Logger):
         self._rewrite_last = False  # buffer[0] replaces the file's last row
 
     @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int | str | None:
-        return self._version
-
-    @property
-    def log_dir(self) -> str | None:
-        if self._target is None:
-            return None
-        return self._target if _sync.is_remote(self._target) else _sync.strip_file_scheme(
-            self._target)
-
-    @property
     def metrics_file(self) -> str | None:
         """Where ``metrics.csv`` lives (a URI for remote log dirs)."""
         return None if self.log_dir is None else _sync.join(self.log_dir, METRICS_FILE)
 
-    def setup(self, run_dir: str, storage_options=None) -> None:
-        # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
-        self._storage_options = dict(storage_options) if storage_options else None
-        if self._save_dir is None:
-            target = _sync.join(run_dir, self._leaf)
-            if target != self._target:
-                self._unbind()
-            self._target = target
-        self._bind()
+    def _rebind(self) -> None:
+        self._unbind()
 
     def _bind(self) -> None:
         if self._local_dir is not None:
             return
-        if self._target is None:
-            raise RuntimeError("CSVLogger has no log dir: pass save_dir= or call setup(run_dir) "
-                               "first")
-        _, self._local_dir, self._remote = _sync.resolve_log_dir(self._target, "raytrainer-csv-")
+        _, self._local_dir, self._remote = _sync.resolve_log_dir(self._require_target(), "raytrainer-csv-")
         path = self._path()
         if self._remote is not None:
             # Resuming into a fresh staging dir: bring the remote file down so we append to it.

@@ -200,18 +200,18 @@ class MLflowLogger(Logger):
         return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        client = self.experiment  # first: without mlflow, its error names the extra to install
         from mlflow.entities import Metric
 
-        client = self.experiment
         now = int(time.time() * 1000)
         batch = [Metric(_key(k), float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), METRICS_PER_BATCH):
             client.log_batch(self._run_id, metrics=batch[i:i + METRICS_PER_BATCH])
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        client = self.experiment  # first: without mlflow, its error names the extra to install
         from mlflow.entities import Param
 
-        client = self.experiment
         flat = _hparams.flatten(_hparams.redacted(params))
         flat = {_key(k): str(v)[:MAX_PARAM_VALUE] for k, v in flat.items()}
         existing = client.get_run(self._run_id).data.params

@@ -9,16 +9,16 @@ from typing import Any, Mapping
 import torch
 
 from raytrainer.loggers import _hparams, _sync
-from raytrainer.loggers.base import Logger
+from raytrainer.loggers._folder import FolderLogger
 from raytrainer.utilities import move_to_device
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(FolderLogger):
     """Write scalars and hyperparameters as TensorBoard event files.
 
-    The log dir is ``{save_dir}/{name}[/version_N][/sub_dir]`` (Lightning's layout; ``version``
-    None: no version folder, the run's logs continue there on resume), under the run dir when
-    ``save_dir`` is None. ``prefix``: metric keys become ``{prefix}-{key}``; ``default_hp_metric``:
+    The log dir is ``{save_dir}/{name}/version_N[/sub_dir]`` (Lightning's layout: N the next free
+    version unless given), or ``{run_dir}/{name}[/sub_dir]`` without a ``save_dir`` (see
+    _folder.py). ``prefix``: metric keys become ``{prefix}-{key}``; ``default_hp_metric``:
     ``hp_metric`` = -1 logged with the hyperparameters (Lightning's placeholder).
     A remote log dir (``s3://...``) is written to a local staging folder and uploaded on
     ``save()``/``finalize()``. The ``SummaryWriter`` is opened lazily, on first use, and dropped
@@ -28,16 +28,11 @@ class TensorBoardLogger(Logger):
     def __init__(self, save_dir: str | None = None, name: str = "tensorboard", version: int | str | None = None,
                  log_graph: bool = False, default_hp_metric: bool = True, prefix: str = "",
                  sub_dir: str | None = None, flush_secs: int = 10) -> None:
+        super().__init__(save_dir, name, version, sub_dir)
         self._log_graph = log_graph
-        self._save_dir = save_dir
-        self._name = name
-        self._version = version
-        self._leaf = _sync.leaf(name, version, sub_dir)  # name[/version_N][/sub_dir], as Lightning
         self._default_hp_metric = default_hp_metric
         self._prefix = prefix
         self._flush_secs = flush_secs
-        self._storage_options: dict | None = None
-        self._target = _sync.join(save_dir, self._leaf) if save_dir is not None else None
         self._unbind()
         self._purge_step: int | None = None
         self._last_step: int | None = None
@@ -49,40 +44,13 @@ class TensorBoardLogger(Logger):
         self._remote: str | None = None
         self._uploaded: dict[str, tuple[int, int]] = {}
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int | str | None:
-        return self._version
-
-    @property
-    def log_dir(self) -> str | None:
-        """The log dir as given (a local path, or the remote URI when staging)."""
-        if self._target is None:
-            return None
-        return self._target if _sync.is_remote(self._target) else _sync.strip_file_scheme(
-            self._target)
-
-    def setup(self, run_dir: str, storage_options=None) -> None:
-        # storage_options: the Trainer's fsspec options for a remote log dir (never logged).
-        self._storage_options = dict(storage_options) if storage_options else None
-        if self._save_dir is None:
-            target = _sync.join(run_dir, self._leaf)
-            if target != self._target:
-                self._close_writer()
-                self._unbind()
-            self._target = target
-        self._bind()
+    def _rebind(self) -> None:
+        self._close_writer()
+        self._unbind()
 
     def _bind(self) -> None:
-        if self._local_dir is not None:
-            return
-        if self._target is None:
-            raise RuntimeError("TensorBoardLogger has no log dir: pass save_dir= or call "
-                               "setup(run_dir) first")
-        _, self._local_dir, self._remote = _sync.resolve_log_dir(self._target, "raytrainer-tb-")
+        if self._local_dir is None:
+            _, self._local_dir, self._remote = _sync.resolve_log_dir(self._require_target(), "raytrainer-tb-")
 
     @property
     def experiment(self):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.checkpoint.format import checkpoints_root
+from raytrainer.checkpoint.resume import is_own_checkpoint
 from raytrainer.checkpoint.lightning_file import load_for_run
 from raytrainer.loop.evaluate import run_evaluation
 from raytrainer.loop.fit import fit_loop
@@ -99,7 +99,7 @@ def _execute(run: Run, loaders: dict, resume_uri: str | None) -> dict:
     if start_from is not None:
         # A sharded checkpoint loads straight into an FSDP model's shards (the strategy's target)
         run.restore(load_for_run(start_from, cfg.storage_options, strategy=run.strategy), weights_only=stage != "fit",
-                    own_run=start_from.startswith(checkpoints_root(cfg) + "/"))
+                    own_run=is_own_checkpoint(start_from, cfg))
         if data is not None:
             data.restored()
     if stage == "fit":

@@ -22,6 +22,7 @@ from raytrainer.checkpoint import lightning_file, store
 from raytrainer.checkpoint.format import checkpoint_uri
 from raytrainer.checkpoint.writer import CheckpointWriter
 from raytrainer.errors import NonFiniteLossError
+from raytrainer.loggers._folder import versions_record
 from raytrainer.loggers.base import off_rank_zero
 from raytrainer.loop import state
 from raytrainer.loop.evaluate import PredictLoop
@@ -371,7 +372,8 @@ class Run:
             self.writer.wait()  # the commit in flight (or its failure) comes first
         with self.profiler.region(CHECKPOINT_SAVE):
             store.save(uri, state.checkpoint_state(self), self.cfg.storage_options, self.ctx,
-                       meta={"fit_token": getattr(self.ctx, "fit_token", None)}, writer=self.writer,
+                       meta={"fit_token": getattr(self.ctx, "fit_token", None),
+                             "logger_versions": versions_record(self.loggers)}, writer=self.writer,
                        after_commit=after_commit, sharded=self.strategy.sharded_checkpoint)
         self.last_saved_position = self.progress.position()
         for lg in self.loggers:

@@ -1,7 +1,8 @@
 """A run's full state as a checkpoint dict, and back (exact resume).
 
 Lightning's key names where Lightning has one (``state_dict``, ``optimizer_states``,
-``lr_schedulers``, ``epoch``, ``global_step``, ``callbacks``, ``hyper_parameters``, ``loops``);
+``lr_schedulers``, ``epoch``, ``global_step``, ``callbacks``, ``hyper_parameters``, ``loops``,
+``datamodule_hyper_parameters``, the datamodule's state under its class name);
 raytrainer's own for what exact resume needs beyond them: every rank's RNG and the RNG at the
 epoch's start (``rank_state``, written per rank), the metric aggregates of the epoch in progress,
 the loggers' run identities.
@@ -37,8 +38,12 @@ def checkpoint_state(run) -> dict:
         "callbacks": {cb.state_key: cb.state_dict() for cb in run.callbacks},
         "loggers": [lg.state_dict() for lg in run.loggers],
         "hyper_parameters": plain_hparams(redaction.module_hparams(run.module)),  # no credentials
-        "datamodule": run.datamodule.state_dict() if run.datamodule is not None else {},
     }
+    if run.datamodule is not None:  # Lightning's keys: its hparams, and its state under its class name
+        if run.datamodule.hparams:
+            state["datamodule_hyper_parameters"] = plain_hparams(redaction.datamodule_hparams(run.datamodule))
+        if dm_state := run.datamodule.state_dict():
+            state[type(run.datamodule).__qualname__] = dm_state
     run.hooks.call("on_save_checkpoint", state)
     return state
 
@@ -78,8 +83,9 @@ def restore(run, state: dict, weights_only: bool = False, own_run: bool = True) 
             cb.load_state_dict(by_key[cb.state_key])
     for lg, sd in zip(run.loggers, state.get("loggers", []) if own_run else []):
         lg.load_state_dict(sd)
-    if run.datamodule is not None and state.get("datamodule"):
-        run.datamodule.load_state_dict(state["datamodule"])
+    if run.datamodule is not None:  # "datamodule": where checkpoints before Lightning's key kept it
+        if dm_state := state.get(type(run.datamodule).__qualname__) or state.get("datamodule"):
+            run.datamodule.load_state_dict(dm_state)
     run.metrics.load_state_dict(state.get("metrics", {}), run.device)
     progress = run.progress
     progress.global_step = state["global_step"]

@@ -8,7 +8,9 @@ import uuid
 
 from raytrainer import redaction, storage
 from raytrainer.checkpoint import resume
+from raytrainer.checkpoint.format import read_marker
 from raytrainer.errors import ConfigError
+from raytrainer.loggers._folder import resolve_versions
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,18 @@ def prepare(trainer, stage: str, module, ckpt_path, datamodule=None) -> str | No
     redaction.mark_secret_hparams(module)
     if datamodule is not None:  # its hparams are logged with the module's (redaction.run_hparams)
         redaction.mark_secret_hparams(datamodule)
+    resolve_logger_versions(trainer._loggers, resume_uri, cfg)
     return resume_uri
+
+
+def resolve_logger_versions(loggers, resume_uri: str | None, cfg) -> None:
+    """Fix every versioned logger's folder here, once, so that all workers and restarts write
+    the same one. A fit continuing a checkpoint of its own run continues the versions recorded
+    in that checkpoint's marker (loggers/_folder.py)."""
+    record = []
+    if resume_uri is not None and resume.is_own_checkpoint(resume_uri, cfg):
+        record = (read_marker(resume_uri, cfg.storage_options) or {}).get("logger_versions", [])
+    resolve_versions(loggers, record, cfg.storage_options)
 
 
 def log_resolved(trainer, stage: str, where: str) -> None:

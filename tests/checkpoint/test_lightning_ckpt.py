@@ -166,3 +166,52 @@ def test_an_exported_ckpt_resumes_exactly_and_a_mid_epoch_lightning_ckpt_restart
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk.ckpt is not a checkpoint file"):
         make_trainer(tmp_path).fit(RtRegressor(), data(), ckpt_path=str(tmp_path / "junk.ckpt"))
+
+
+class Data:
+    """A datamodule with hparams and a state of its own, as Lightning's docs show."""
+
+    def __init__(self, batch_size: int = 4, n: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.epochs_served = 0
+
+    def train_dataloader(self):
+        self.epochs_served += 1
+        return DataLoader(data(self.hparams.n).dataset, batch_size=self.hparams.batch_size)
+
+    def state_dict(self):
+        return {"epochs_served": self.epochs_served}
+
+    def load_state_dict(self, state):
+        self.epochs_served = state["epochs_served"]
+
+
+RtData = type("RtData", (Data, rt.DataModule), {})
+PlData = type("PlData", (Data, pl.LightningDataModule), {})
+
+
+def test_the_datamodule_hparams_and_state_are_in_the_ckpt_both_ways_and_stay_attached(tmp_path):
+    ours, theirs = make_trainer(tmp_path / "rt", max_epochs=2), _pl_trainer(tmp_path / "pl", max_epochs=2)
+    ours.fit(RtRegressor(), datamodule=RtData(batch_size=8))
+    theirs.fit(PlRegressor(), datamodule=PlData(batch_size=8))
+    ours.save_checkpoint(tmp_path / "rt.ckpt")
+    theirs.save_checkpoint(tmp_path / "pl.ckpt")
+    files = [torch.load(tmp_path / f"{who}.ckpt", weights_only=True) for who in ("rt", "pl")]
+    for ckpt, cls_name in zip(files, ("RtData", "PlData")):
+        assert ckpt["datamodule_hyper_parameters"] == {"batch_size": 8, "n": 16}
+        assert ckpt[cls_name] == {"epochs_served": 1}  # Lightning's key: the datamodule's class name
+    # Either library's file builds either library's datamodule (hparams, overrides, state).
+    for path in (tmp_path / "rt.ckpt", tmp_path / "pl.ckpt"):
+        dm = RtData.load_from_checkpoint(str(path), n=32)
+        assert (dict(dm.hparams), dm.epochs_served) == ({"batch_size": 8, "n": 32}, 1 if "rt" in path.name else 0)
+    assert PlData.load_from_checkpoint(str(tmp_path / "rt.ckpt")).hparams == {"batch_size": 8, "n": 16}
+
+    # After fit, the trainer keeps its module and datamodule (a stage without one leaves it), as Lightning.
+    for trainer, dm_cls in ((ours, RtData), (theirs, PlData)):
+        assert isinstance(trainer.datamodule, dm_cls) and trainer.lightning_module is not None
+    class Validated(RtRegressor):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.training_step(batch, batch_idx))
+    ours.validate(Validated(), data())
+    assert isinstance(ours.datamodule, RtData)

@@ -116,10 +116,10 @@ def test_self_logger_experiment_on_every_rank_writes_once(tmp_path):
     ranks = run_ranks(rank_fn)
     assert ranks[0] == [(True, "shared", "SummaryWriter")]
     assert ranks[1] == [(True, "shared", "_DummyExperiment")]
-    events = _events(str(tmp_path / "tb" / "shared"))
+    events = _events(str(tmp_path / "tb" / "shared" / "version_0"))
     assert [e.step for e in events.Histograms("first_layer")] == [0, 1]  # 2 steps per rank, rank 0's
     assert [e.value for e in events.Scalars("from_every_rank")] == [0.0]
-    assert len(glob.glob(str(tmp_path / "tb" / "shared" / "events.*"))) == 1
+    assert len(glob.glob(str(tmp_path / "tb" / "shared" / "*" / "events.*"))) == 1
 
 
 class HparamsLogger:
@@ -189,3 +189,42 @@ def test_module_and_datamodule_hparams_are_merged_after_on_fit_start_like_lightn
             run(base, dm_base, lg_base, make, clash=True)
         messages.append(str(raised.value))
     assert messages[0] == messages[1]
+
+
+class Validates(UsesItsLogger):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+
+def _versions_used(base, loggers_mod, make_trainer_for, root):
+    """Fits as a Lightning script makes them: two fresh Trainers with fresh loggers, then a
+    validate on the second Trainer. Returns each logger's log dir relative to ``root``."""
+    seen = []
+    for _ in range(2):
+        tb, table = loggers_mod.TensorBoardLogger(str(root), name="tb"), loggers_mod.CSVLogger(str(root), name="csv")
+        trainer, module = make_trainer_for([tb, table]), type("M", (Validates, base), {})()
+        trainer.fit(module, data())
+        seen.append((os.path.relpath(tb.log_dir, root), os.path.relpath(table.log_dir, root)))
+    trainer.validate(module, data())
+    seen.append((os.path.relpath(tb.log_dir, root), os.path.relpath(table.log_dir, root)))
+    assert sorted(os.listdir(root / "tb")) == ["version_0", "version_1"]  # every file went there
+    return seen
+
+
+def test_save_dir_without_version_opens_the_next_version_like_lightning(tmp_path):
+    ours = _versions_used(rt.Module, rt.loggers, lambda loggers: make_trainer(tmp_path / "runs", logger=loggers),
+                          tmp_path / "rt")
+    theirs = _versions_used(pl.LightningModule, pl.loggers, lambda loggers: pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=loggers, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False), tmp_path / "pl")
+    assert ours == theirs == [("tb/version_0", "csv/version_0"), ("tb/version_1", "csv/version_1"),
+                              ("tb/version_1", "csv/version_1")]
+
+    # The next version counts from the highest version_N folder present, not from how many exist.
+    os.makedirs(tmp_path / "gap" / "tb" / "version_7")
+    os.makedirs(tmp_path / "gap" / "tb" / "version_x")  # not a version folder
+    assert rt.loggers.TensorBoardLogger(str(tmp_path / "gap"), name="tb").version == \
+        pl.loggers.TensorBoardLogger(str(tmp_path / "gap"), name="tb").version == 8
+    # A version given is used as given; a string names the folder itself.
+    assert rt.loggers.CSVLogger(str(tmp_path), name="c", version="exp").log_dir == \
+        pl.loggers.CSVLogger(str(tmp_path), name="c", version="exp").log_dir == str(tmp_path / "c" / "exp")

@@ -95,7 +95,7 @@ def test_tensorboard_hparams_metrics_link_dashboard_columns(tmp_path):
 def test_tensorboard_save_dir_and_file_uri(tmp_path):
     logger = TensorBoardLogger(save_dir=f"file://{tmp_path}/logs", name="tb")
     logger.setup(str(tmp_path / "ignored_run_dir"))  # save_dir wins over the run dir
-    assert logger.log_dir == f"{tmp_path}/logs/tb"
+    assert logger.log_dir == f"{tmp_path}/logs/tb/version_0"  # Lightning's first version folder
     logger.log_metrics({"x": 3.0}, step=7)
     logger.save()  # local: a best-effort flush, the writer stays open
     logger.log_metrics({"x": 4.0}, step=8)
@@ -173,7 +173,7 @@ def test_csv_rows_columns_merge_and_new_column(tmp_path):
 
 def test_csv_buffers_until_flush_interval(tmp_path):
     logger = CSVLogger(save_dir=str(tmp_path), flush_logs_every_n_steps=3)
-    path = tmp_path / "csv" / "metrics.csv"
+    path = tmp_path / "csv" / "version_0" / "metrics.csv"
     logger.log_metrics({"a": 1.0}, step=1)
     logger.log_metrics({"a": 2.0}, step=2)
     assert not path.exists()  # buffered
@@ -323,3 +323,21 @@ def test_lightnings_logger_arguments_lay_out_and_name_as_lightning_does(tmp_path
     ours, theirs = run(rt.loggers, tmp_path / "ours"), run(pl.loggers, tmp_path / "theirs")
     assert ours == theirs
     assert ours[:3] == (os.path.join("exp", "version_3", "s"), os.path.join("tab", "v"), {"p-loss", "p-hp_metric"})
+
+
+def test_versions_on_remote_storage_and_in_sweep_trials(memfs):
+    """The next version is found on any fsspec storage (listed there, not on local disk); a sweep
+    trial logging to a shared save_dir gets its trial's name as version, so trials running at
+    once never race for the same version_N."""
+    first = CSVLogger("memory://bucket/logs", name="tab")
+    first.log_metrics({"a": 1.0}, step=0)
+    first.finalize("success")
+    assert memfs.exists("/bucket/logs/tab/version_0/metrics.csv")
+    assert CSVLogger("memory://bucket/logs", name="tab").log_dir == "memory://bucket/logs/tab/version_1"
+
+    trial = TensorBoardLogger("memory://bucket/logs", name="tb")
+    trial.join_sweep("memory://bucket/sweep", "trial_00002")
+    assert trial.log_dir == "memory://bucket/logs/tb/trial_00002"
+    chosen = TensorBoardLogger("memory://bucket/logs", name="tb", version=4)
+    chosen.join_sweep("memory://bucket/sweep", "trial_00002")  # a version given by the user stays
+    assert chosen.version == 4

@@ -235,7 +235,30 @@ def test_logger_list_and_explicit_save_dir(tmp_path):
     assert trainer.logger is csv_logger and trainer.log_dir == str(tmp_path / "runs" / "run" / "table")
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
     assert [s for s, _ in csv_column(rows, "train_loss")] == [0, 1, 2]
-    assert [s for s, _ in tb_scalars(str(tmp_path / "elsewhere" / "tb"), "train_loss")] == [0, 1, 2]
+    assert [s for s, _ in tb_scalars(str(tmp_path / "elsewhere" / "tb" / "version_0"), "train_loss")] == [0, 1, 2]
+
+
+def test_resuming_its_own_run_continues_the_version_a_fresh_fit_opens_the_next(tmp_path):
+    """Versioned loggers (a save_dir, no version): a fit continuing its own run's checkpoint writes
+    on in the version that checkpoint recorded, so a resumed run's curves stay one (Lightning
+    would open the next version: our documented deviation); a fresh fit opens the next one."""
+    def fit(max_epochs, ckpt_path=None, name="run"):
+        tb, table = (rt.loggers.TensorBoardLogger(str(tmp_path / "logs"), name="tb"),
+                     rt.loggers.CSVLogger(str(tmp_path / "logs"), name="csv"))
+        make_trainer(tmp_path / "runs", max_epochs=max_epochs, logger=[tb, table], log_every_n_steps=1,
+                     enable_checkpointing=True, name=name).fit(LinearModel(), loader(n=8, batch_size=4),
+                                                              ckpt_path=ckpt_path)
+        return os.path.basename(tb.log_dir), os.path.basename(table.log_dir)
+
+    assert fit(1) == ("version_0", "version_0")
+    assert fit(2, ckpt_path="last") == ("version_0", "version_0")  # the run's own checkpoint
+    steps = [s for s, _ in tb_scalars(str(tmp_path / "logs" / "tb" / "version_0"), "train_loss")]
+    assert steps == [0, 1, 2, 3]  # one run's curve, both epochs
+    rows = read_csv(str(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv"))
+    assert [s for s, _ in csv_column(rows, "train_loss")] == [0, 1, 2, 3]
+    assert fit(1, name="other") == ("version_1", "version_1")  # another run: the next version
+    other_runs_checkpoint = str(next((tmp_path / "runs" / "run" / "checkpoints").iterdir()))
+    assert fit(2, ckpt_path=other_runs_checkpoint, name="third") == ("version_2", "version_2")
 
 
 def test_logger_false_writes_no_log_files(tmp_path):
