@@ -131,8 +131,8 @@ class HookedRecorder(Recorder):
 def _trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 2)
     kw.setdefault("devices", 2)
-    return rt.Trainer(seed=0, storage_path=str(tmp_path), name="ray", logger=False,
-                      enable_progress_bar=False, **kw)
+    kw.setdefault("logger", False)
+    return rt.Trainer(seed=0, storage_path=str(tmp_path), name="ray", enable_progress_bar=False, **kw)
 
 
 def test_num_nodes_multiplies_the_workers_as_lightning_multiplies_processes():
@@ -148,7 +148,9 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     once, the loss what one process computes (tests/runtime/test_exact_evaluation_ray.py: test and
     predict)."""
     model = HookedRecorder(out_dir=str(tmp_path))
-    trainer = _trainer(tmp_path, max_epochs=1, profiler="simple")
+    os.makedirs(tmp_path / "logs" / "csv" / "version_0")  # an earlier run's
+    logger = rt.loggers.CSVLogger(str(tmp_path / "logs"), name="csv")
+    trainer = _trainer(tmp_path, max_epochs=1, profiler="simple", logger=logger)
     result = trainer.fit(
         model, DataLoader(SlowOnRank1(), batch_size=8, shuffle=True), DataLoader(Indexed(101), batch_size=10))
     assert result.metrics["val_count"] == 101
@@ -174,6 +176,14 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     assert wait["rank"] == 1 and wait["seconds"] >= 32 * 0.01  # 32 samples on rank 1
     assert "slowest rank data wait: rank 1" in result.profile["table"]
     assert (tmp_path / "ray" / "profiler" / "simple.txt").exists()
+    # The logger's next version was chosen on the driver: rank 0 wrote there, and the checkpoint
+    # recorded it (a resume of this run writes on there)
+    assert logger.log_dir == str(tmp_path / "logs" / "csv" / "version_1")
+    assert sorted(os.listdir(tmp_path / "logs" / "csv")) == ["version_0", "version_1"]
+    assert (tmp_path / "logs" / "csv" / "version_1" / "metrics.csv").exists()
+    marker = json.loads((tmp_path / "ray" / "checkpoints" / os.path.basename(result.last_checkpoint)
+                         / "COMMIT.json").read_text())
+    assert marker["logger_versions"] == [{"logger": "CSVLogger", "name": "csv", "version": 1}]
     # Lightning's hooks ran on both workers: the warm-up, every batch through the transfer hook
     # (4 training, 2 sanity-check and this rank's validation batches), configure_model once
     for rank, val_batches in ((0, 6), (1, 5)):  # 101 samples in batches of 10: 11 batches, interleaved
