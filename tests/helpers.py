@@ -210,3 +210,33 @@ def tb_tags(log_dir: str) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return set(EventAccumulator(log_dir, size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+
+
+# ---------------------------------------------------------------- the folder format before .ckpt files
+
+def as_legacy_folder(ckpt_path: str) -> str:
+    """Rewrite a run's ``.ckpt`` as the checkpoint folder raytrainer wrote before ``.ckpt`` files
+    (model.pt, state.pt, rank-NNNNN.pt, COMMIT.json with their hashes), at the same name without
+    the suffix; removes the file. Returns the folder: old runs' checkpoints must still load."""
+    import hashlib
+    import io
+    import json
+
+    from raytrainer.checkpoint import store
+
+    state = store.load(ckpt_path)
+    folder = ckpt_path.removesuffix(".ckpt")
+    os.makedirs(folder)
+    rank_states = state.pop("rank_states")
+    files = {"model.pt": state.pop("state_dict"), "state.pt": state,
+             **{f"rank-{r:05d}.pt": s for r, s in rank_states.items()}}
+    table = {}
+    for name, obj in files.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        pathlib.Path(folder, name).write_bytes(buf.getvalue())
+        table[name] = {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "size": len(buf.getvalue())}
+    marker = {"format_version": 1, "files": table, "global_step": state["global_step"], "epoch": state["epoch"]}
+    pathlib.Path(folder, "COMMIT.json").write_text(json.dumps(marker))
+    os.remove(ckpt_path)
+    return folder

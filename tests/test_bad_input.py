@@ -183,9 +183,9 @@ def dict_loader() -> DataLoader:
     return DataLoader([{"x": torch.randn(2), "y": torch.randn(1)} for _ in range(8)], batch_size=4)
 
 
-def _flip_a_byte(uri: str, name: str) -> None:
+def _flip_a_byte(uri: str) -> None:
     from raytrainer import storage
-    fs, path = storage.filesystem(f"{uri}/{name}")
+    fs, path = storage.filesystem(uri)
     data = bytearray(fs.cat_file(path))
     data[len(data) // 2] ^= 0x01
     fs.pipe_file(path, bytes(data))
@@ -194,7 +194,8 @@ def _flip_a_byte(uri: str, name: str) -> None:
 def _uncommit(uri: str) -> str:
     from raytrainer import storage
     fs, path = storage.filesystem(uri)
-    fs.rm(f"{path}/{ckpt_io.COMMIT_FILE}")  # as left by a save that died before its marker
+    data = fs.cat_file(path)
+    fs.pipe_file(path, data[: len(data) // 2])  # as a copy cut short leaves it: no seal at its end
     return uri
 
 
@@ -333,20 +334,20 @@ CASES = [
          r"fractional limit_train_batches needs a train loader with a length; pass an int", "before training"),
     # -- checkpoints
     Case("ckpt-path-does-not-exist", lambda e: e.trainer().fit(Reg(), loader(), ckpt_path=str(e.tmp_path / "nope")),
-         rt.CheckpointError, r"checkpoint /\S+/nope does not exist: pass a checkpoint folder "
-                             r"\(\.\.\./checkpoints/step=\.\.\.\), 'last' or 'best'", "before launch"),
+         rt.CheckpointError, r"checkpoint /\S+/nope does not exist: pass a checkpoint "
+                             r"\(\.\.\./checkpoints/step=\.\.\.\.ckpt\), 'last' or 'best'", "before launch"),
     Case("ckpt-path-does-not-exist-ray", lambda e: e.trainer(launcher="ray").fit(
         Reg(), loader(), ckpt_path=str(e.tmp_path / "nope")), rt.CheckpointError,
-        r"checkpoint /\S+/nope does not exist: pass a checkpoint folder", "before launch"),
+        r"checkpoint /\S+/nope does not exist: pass a checkpoint ", "before launch"),
     Case("ckpt-path-half-written", lambda e: e.trainer().fit(Reg(), loader(),
                                                              ckpt_path=_uncommit(e.committed_checkpoint())),
-         rt.CheckpointError, r"is not committed \(no valid COMMIT\.json\): the save that wrote it did not "
+         rt.CheckpointError, r"is not committed \(no commit seal\): the save that wrote it did not "
                              r"finish; use an earlier checkpoint", "before launch"),
     Case("ckpt-corrupted", lambda e: e.trainer().validate(
-        Reg(), loader(), ckpt_path=(lambda u: (_flip_a_byte(u, "model.pt"), u)[1])(e.committed_checkpoint()),
+        Reg(), loader(), ckpt_path=(lambda u: (_flip_a_byte(u), u)[1])(e.committed_checkpoint()),
         verbose=False), rt.CheckpointError,
-        r"model\.pt is corrupted: its content does not match the hash recorded in COMMIT\.json; load an earlier "
-        r"checkpoint", "before training"),
+        r"step=000000003-epoch_end\.ckpt is corrupted: its content does not match the hash in its commit seal; "
+        r"load an earlier checkpoint", "before training"),
     Case("ckpt-from-another-model-keys", lambda e: e.trainer().test(
         Renamed(), loader(), ckpt_path=e.committed_checkpoint(), verbose=False), rt.CheckpointError,
         r"does not fit Renamed: missing keys \['head\.bias', 'head\.weight'\]; unexpected keys \['layer\.bias', "

@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+import raytrainer as rt
+
 from raytrainer.cli import main as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def test_digits_script_local_reaches_the_readme_accuracy(tmp_path, rt_log):
     assert fit.current_epoch == 8
     assert fit.metrics["val_acc"] >= 0.95
     assert test["test_acc"] >= 0.95, test
-    assert fit.best_checkpoint and (pathlib.Path(fit.best_checkpoint) / "COMMIT.json").exists()
+    assert fit.best_checkpoint and rt.checkpoint.read_marker(fit.best_checkpoint) is not None  # committed
 
 
 def _cli(capsys, command: str, storage, *extra: str) -> str:
@@ -82,7 +84,7 @@ def test_digits_cli_local_configs_fit_test_and_resume(tmp_path, capsys, rt_log):
     assert _metric(out, "[raytrainer] fit finished", "val_acc") >= 0.95
 
     run = tmp_path / "digits-local"
-    assert list((run / "checkpoints").glob("step=*/COMMIT.json"))
+    assert rt.checkpoint.list_committed(str(run / "checkpoints"))
     assert (run / "csv" / "metrics.csv").exists() and (run / "config.yaml").exists()
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
 
@@ -163,7 +165,7 @@ def test_s3_example_config_writes_its_run_into_the_bucket(s3_env, s3_server, mon
     assert code == 0
     bucket, prefix = s3_env[len("s3://"):].split("/", 1)
     keys = set(s3_server.all_objects(bucket))
-    assert any(k.startswith(f"{prefix}/") and k.endswith("/COMMIT.json") for k in keys)
+    assert any(k.startswith(f"{prefix}/") and "/checkpoints/step=" in k and k.endswith(".ckpt") for k in keys)
     assert any(k.endswith("/config.yaml") for k in keys)  # the resolved config beside the checkpoints
 
 
@@ -180,4 +182,4 @@ def test_sweep_example_config_runs(ray_cluster, tmp_path, monkeypatch, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "sweep finished: best checkpoint" in out and "/trial_" in out
-    assert list(tmp_path.glob("digits-sweep/trial_*/checkpoints/*/COMMIT.json"))
+    assert any(rt.checkpoint.list_committed(str(d)) for d in tmp_path.glob("digits-sweep/trial_*/checkpoints"))

@@ -23,6 +23,8 @@ import uuid
 
 import pytest
 
+import raytrainer as rt
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +92,7 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
 
     async def press_interrupt_once_a_checkpoint_is_committed():
         deadline = time.monotonic() + 180
-        while not list(ray_checkpoints.glob("*/COMMIT.json")):  # the first epoch is done
+        while not rt.checkpoint.list_committed(str(ray_checkpoints)):  # the first epoch is done
             if time.monotonic() > deadline:
                 return
             await asyncio.sleep(0.05)
@@ -101,8 +103,8 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
         if cell.source.startswith(RAY_FIT):
             seen["task"] = asyncio.get_running_loop().create_task(press_interrupt_once_a_checkpoint_is_committed())
         elif cell.source.startswith(RAY_RESUME):  # what the resume will find (retention may prune it later)
-            newest = sorted(p.parent for p in ray_checkpoints.glob("*/COMMIT.json"))[-1]
-            seen["newest"] = (newest.name, sorted(os.listdir(newest)))
+            newest = rt.checkpoint.list_committed(str(ray_checkpoints))[-1]
+            seen["newest"] = (newest.rsplit("/", 1)[1], sorted(rt.load_checkpoint(newest)["rank_states"]))
 
     # The notebook's folder is the kernel's working directory: its runs land in tmp_path.
     client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3", on_cell_execute=on_cell_execute,
@@ -134,8 +136,8 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
     assert local["epochs"] == 3 and local["steps"] == 72   # 24 batches of 1527 samples, 3 epochs
     assert local["val_acc"] >= 0.9, out
     best = _line(out, "best checkpoint:").split(": ", 1)[1]
-    assert best == str(runs / "notebook-local" / "checkpoints" / "step=000000072")
-    assert (pathlib.Path(best) / "COMMIT.json").is_file()
+    assert best == str(runs / "notebook-local" / "checkpoints" / "step=000000072.ckpt")
+    assert rt.checkpoint.read_marker(best)["global_step"] == 72  # committed
     fit_cell = _cell(nb, "rt.seed_everything(0)\nlocal_model")
     try:
         import ipywidgets  # noqa: F401  (the kernel is this interpreter: it sees the same packages)
@@ -157,20 +159,18 @@ def test_notebook_fits_locally_and_on_ray_and_reloads_a_checkpoint(tmp_path):
     stopped_at = int(m.group(1))
     assert 12 <= stopped_at < 96, stopped_at  # after the first epoch's checkpoint, well before the end
     print(f"interrupted after step 12's checkpoint, stopped at step {stopped_at}")
-    assert m.group(2) == str(ray_checkpoints / f"step={stopped_at:09d}")
+    assert m.group(2) == str(ray_checkpoints / f"step={stopped_at:09d}.ckpt")
     # the newest when the resume started, written by both ranks (each rank's RNG and data position)
-    assert seen["newest"] == (f"step={stopped_at:09d}", ["COMMIT.json", "model.pt", "rank-00000.pt",
-                                                         "rank-00001.pt", "state.pt"])
+    assert seen["newest"] == (f"step={stopped_at:09d}.ckpt", [0, 1])
 
     # ...resumed in the next cell to the end: 8 epochs, each worker half of every epoch.
     out, _ = _texts(_cell(nb, "print(f\"ray:"))
     on_ray = _values(_line(out, "ray:"))
     assert on_ray["epochs"] == 8 and on_ray["steps"] == 96
     assert on_ray["val_acc"] >= 0.9, out
-    ckpt = ray_checkpoints / "step=000000096"
-    assert (f"checkpoint: {ckpt} ['COMMIT.json', 'model.pt', 'rank-00000.pt', 'rank-00001.pt', "
-            "'state.pt']") in out.splitlines()
-    assert (ckpt / "COMMIT.json").is_file()
+    ckpt = ray_checkpoints / "step=000000096.ckpt"
+    assert f"checkpoint: {ckpt} ranks: [0, 1]" in out.splitlines()
+    assert rt.checkpoint.read_marker(str(ckpt))["global_step"] == 96
     assert (runs / "notebook-ray" / "csv" / "metrics.csv").is_file()
     assert any((runs / "notebook-ray" / "tensorboard").rglob("events.out.tfevents.*"))
 

@@ -92,7 +92,7 @@ def run_storage(request, tmp_path):
 def test_no_credentials_in_files_configs_hparams_checkpoints_or_output(run_storage, tmp_path, monkeypatch, capfd):
     """A CLI fit with secrets in the environment and in ``storage_options`` (given in the YAML
     config), default loggers (TensorBoard + CSV), checkpoints, a resume, then validate: no secret
-    is in any file the run wrote (checkpoints, COMMIT.json, metrics.csv, event files, hparams.yaml,
+    is in any file the run wrote (checkpoint files, metrics.csv, event files, hparams.yaml,
     config.yaml) nor in anything printed. The canary hyperparameter is found in the same files."""
     storage_path, read_all = run_storage
     for var, value in ENV_SECRETS.items():
@@ -115,7 +115,7 @@ def test_no_credentials_in_files_configs_hparams_checkpoints_or_output(run_stora
 
     files = read_all()
     names = {name.rsplit("/", 1)[-1].split(".")[0] for name in files}
-    assert {"model", "state", "rank-00000", "COMMIT", "metrics", "hparams", "config", "events"} <= names
+    assert {"metrics", "hparams", "config", "events"} <= names and any(n.endswith(".ckpt") for n in files)
     secrets = [*ENV_SECRETS.values(), *OPTION_SECRETS.values()]
     assert _leaks(files, secrets) == {}
     assert _leaks({"stdout": printed.out.encode(), "stderr": printed.err.encode()}, secrets) == {}
@@ -123,7 +123,7 @@ def test_no_credentials_in_files_configs_hparams_checkpoints_or_output(run_stora
     canary_in = _leaks(files, [CANARY])[CANARY]
     assert any(n.endswith("tensorboard/hparams.yaml") for n in canary_in)
     assert any(n.endswith("csv/hparams.yaml") for n in canary_in)
-    assert any("tfevents" in n for n in canary_in) and any(n.endswith("state.pt") for n in canary_in)
+    assert any("tfevents" in n for n in canary_in) and any(n.endswith(".ckpt") for n in canary_in)
 
     saved = yaml.safe_load(next(v for k, v in files.items() if k.endswith("leakcheck/config.yaml")))
     assert "storage_options" not in saved["trainer"] and saved["model"]["init_args"]["note"] == CANARY
@@ -155,12 +155,12 @@ def _fit_with_secret_hparams(tmp_path):
     result = trainer.fit(model, datamodule=TinyData(n=8))
     files = _files_under(tmp_path / "runs")
     names = {name.rsplit("/", 1)[-1].split(".")[0] for name in files}
-    assert {"state", "hparams", "events", "metrics"} <= names
+    assert {"hparams", "events", "metrics"} <= names and any(n.endswith(".ckpt") for n in files)
     return model, result, files
 
 
 def _written_by_every_writer(found: list[str]) -> None:
-    for where in ("tensorboard/hparams.yaml", "csv/hparams.yaml", "state.pt"):
+    for where in ("tensorboard/hparams.yaml", "csv/hparams.yaml", ".ckpt"):
         assert any(n.endswith(where) for n in found), (where, found)
     assert any("tfevents" in n for n in found), found
 

@@ -1,17 +1,25 @@
-"""What a checkpoint is on storage: its folder names, its files, its commit marker, and how a file
-is read back safely. Pure format: nothing here writes (store.py does).
+"""What a checkpoint is on storage: its names, its files, its commit marker, and how a file is
+read back safely. Pure format: nothing here writes (store.py does).
 
-A checkpoint is a folder ``{storage_path}/{name}/checkpoints/step=000001234[-epoch_end]/``::
+A run's checkpoint is one Lightning-format file, ``{storage_path}/{name}/checkpoints/
+step=000001234[-epoch_end].ckpt``: Lightning's keys (``torch.load(path, weights_only=True)
+["state_dict"]`` works, and pytorch-lightning's ``load_from_checkpoint``), raytrainer's
+exact-resume state beside them (every rank's RNG, the data position, metric aggregates), and a
+commit seal at its end (sealed.py): the file's sha256 and its position. It is written whole or
+not at all (a temp file and a rename locally; one PUT on object stores).
 
-    model.pt      the module's state_dict (full; or, sharded, sharded/ below instead)
-    state.pt      everything else: optimizers, schedulers, GradScaler, loop counters, data
-                  position, callbacks, loggers, metric aggregates, hparams, format version
+A sharded FSDP checkpoint is a folder of the same name without the suffix, as in Lightning::
+
+    sharded/      every rank's shards of the model and optimizer states, written by
+                  torch.distributed.checkpoint (sharded.py)
+    state.pt      everything else: schedulers, GradScaler, loop counters, data position,
+                  callbacks, loggers, metric aggregates, hparams, format version
     rank-NNNNN.pt each rank's RNG states (python, numpy, torch, CUDA) and its epoch-start RNG
-    sharded/      strategy="fsdp_sharded" only: every rank's shards of the model and optimizer
-                  states, written by torch.distributed.checkpoint (sharded.py); then
-                  state.pt holds no model or optimizer state
     COMMIT.json   written last: sha256 and size of every file above. Without it the folder is not
                   a checkpoint (a save that died half-way); with it, every load verifies hashes.
+
+Folders with ``model.pt`` instead of ``sharded/`` are the format before ``.ckpt`` files: still
+read (and resumed from), with a deprecation warning.
 
 Loading uses ``torch.load(weights_only=True)`` and, for sharded/.metadata, an unpickler that
 admits only DCP's index classes: no arbitrary unpickling, ever.
@@ -27,6 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from raytrainer import storage
+from raytrainer.checkpoint import sealed
 from raytrainer.errors import CheckpointError
 
 COMMIT_FILE = "COMMIT.json"
@@ -35,19 +44,30 @@ STATE_FILE = "state.pt"
 SHARDED_DIR = "sharded"  # DCP's files of a sharded checkpoint (sharded.py)
 SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
 _SHARD_RE = re.compile(rf"{SHARDED_DIR}/__\d+_\d+\.distcp")
-_DIR_RE = re.compile(r"^step=(\d{9})(-epoch_end)?$")
+CKPT_SUFFIX = ".ckpt"
+_DIR_RE = re.compile(r"^step=(\d{9})(-epoch_end)?(\.ckpt)?$")
 
 
-def checkpoint_dir_name(global_step: int, epoch_end: bool) -> str:
-    return f"step={global_step:09d}" + ("-epoch_end" if epoch_end else "")
+def checkpoint_dir_name(global_step: int, epoch_end: bool, sharded: bool = False) -> str:
+    """``step=000001234[-epoch_end].ckpt``: a file; a sharded checkpoint's folder has no suffix."""
+    return f"step={global_step:09d}" + ("-epoch_end" if epoch_end else "") + ("" if sharded else CKPT_SUFFIX)
+
+
+def is_file_checkpoint(uri: str) -> bool:
+    return uri.rstrip("/").endswith(CKPT_SUFFIX)
+
+
+def is_run_checkpoint_name(uri: str) -> bool:
+    """Named as a run's checkpoint (``step=000001234[-epoch_end][.ckpt]``)."""
+    return _DIR_RE.match(uri.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
 def checkpoints_root(cfg) -> str:
     return storage.join(cfg.run_dir, "checkpoints")
 
 
-def checkpoint_uri(cfg, global_step: int, epoch_end: bool) -> str:
-    return storage.join(checkpoints_root(cfg), checkpoint_dir_name(global_step, epoch_end))
+def checkpoint_uri(cfg, global_step: int, epoch_end: bool, sharded: bool = False) -> str:
+    return storage.join(checkpoints_root(cfg), checkpoint_dir_name(global_step, epoch_end, sharded))
 
 
 def serialize(obj: Any) -> bytes:
@@ -61,7 +81,14 @@ def rank_file(rank: int) -> str:
 
 
 def read_marker(uri: str, storage_options: Mapping | None = None) -> dict | None:
+    """What a checkpoint says it is (its step, epoch, fit, loggers' versions), or None when it is
+    not committed: a ``.ckpt`` file's seal (read from its last bytes only), a folder's COMMIT.json."""
     fs, path = storage.filesystem(uri, storage_options)
+    if is_file_checkpoint(uri):
+        try:
+            return sealed.read_seal(fs.cat_file(path, start=-sealed.tail_size()))
+        except (FileNotFoundError, IsADirectoryError):
+            return None
     try:
         marker = json.loads(fs.cat_file(f"{path}/{COMMIT_FILE}"))
     except FileNotFoundError:
@@ -92,9 +119,10 @@ def require_committed(uri: str, storage_options: Mapping | None = None) -> dict:
     if marker is None:
         fs, path = storage.filesystem(uri, storage_options)
         if not fs.exists(path):
-            raise CheckpointError(f"checkpoint {uri} does not exist: pass a checkpoint folder "
-                                  f"(.../checkpoints/step=...), 'last' or 'best'")
-        raise CheckpointError(f"checkpoint {uri} is not committed (no valid {COMMIT_FILE}): the save "
+            raise CheckpointError(f"checkpoint {uri} does not exist: pass a checkpoint "
+                                  f"(.../checkpoints/step=....ckpt), 'last' or 'best'")
+        what = "no commit seal" if is_file_checkpoint(uri) else f"no valid {COMMIT_FILE}"
+        raise CheckpointError(f"checkpoint {uri} is not committed ({what}): the save "
                               "that wrote it did not finish; use an earlier checkpoint")
     return marker
 

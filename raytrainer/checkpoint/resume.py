@@ -15,7 +15,8 @@ from typing import Mapping
 
 from raytrainer import storage
 from raytrainer.checkpoint import lightning_file
-from raytrainer.checkpoint.format import checkpoints_root, read_marker, require_committed
+from raytrainer.checkpoint.format import (CKPT_SUFFIX, checkpoints_root, is_run_checkpoint_name, read_marker,
+                                          require_committed)
 from raytrainer.checkpoint.store import latest_committed, load
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def resolve(ckpt_path: str | None, cfg) -> str | None:
         return best
     uri = storage.normalize(str(ckpt_path))
     # A mistyped or half-written checkpoint fails here, before any data, worker or Ray starts.
-    if lightning_file.is_ckpt_file(uri, cfg.storage_options):
+    if is_run_checkpoint_name(uri):  # a run's checkpoint (a .ckpt file or a sharded folder): committed?
+        require_committed(uri, cfg.storage_options)  # (a file's bytes are checked against its seal when loaded)
+    elif lightning_file.is_ckpt_file(uri, cfg.storage_options):
         lightning_file.require_readable_file(uri, cfg.storage_options)  # a .ckpt (Lightning's or an export)
     else:
         require_committed(uri, cfg.storage_options)
@@ -67,10 +70,13 @@ def restart_checkpoint(cfg, fit_token: str) -> str | None:
 
 def starting_epoch(uri: str | None, storage_options: Mapping | None) -> int:
     """The epoch a run starting from checkpoint ``uri`` trains first (0 for a fresh start)."""
-    if uri and lightning_file.is_ckpt_file(uri, storage_options):
+    if not uri:
+        return 0
+    marker = read_marker(uri, storage_options)  # a run's checkpoint says it at its end
+    if marker is None and lightning_file.is_ckpt_file(uri, storage_options):  # a Lightning file or an export
         state = lightning_file.load_for_run(uri, storage_options)
         return int(state["epoch"]) + (1 if state["loops"]["epoch_finished"] else 0)
-    marker = read_marker(uri, storage_options) if uri else None
     if not marker or marker.get("epoch") is None:
         return 0
-    return int(marker["epoch"]) + (1 if uri.rstrip("/").endswith("-epoch_end") else 0)
+    epoch_end = uri.rstrip("/").removesuffix(CKPT_SUFFIX).endswith("-epoch_end")
+    return int(marker["epoch"]) + (1 if epoch_end else 0)

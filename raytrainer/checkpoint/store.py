@@ -1,35 +1,41 @@
 """Writing, reading, listing and deleting checkpoints (the format is format.py's).
 
-A save is committed atomically or not at all: every file first, the COMMIT.json marker last
-(a temp file and a rename locally; one PUT on object stores, where PUTs are atomic). Rank 0
-commits the shared state, in the background when the writer is asynchronous (writer.py).
+A save is committed atomically or not at all: one sealed ``.ckpt`` file (a temp file and a rename
+locally; one PUT on object stores, where PUTs are atomic) or, sharded, every file first and the
+COMMIT.json marker last. Rank 0 commits the shared state, in the background when the writer is
+asynchronous (writer.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+import uuid
+import warnings
 from typing import Mapping
 
 from raytrainer import storage
+from raytrainer.checkpoint import sealed
 from raytrainer.checkpoint.format import (COMMIT_FILE, MODEL_FILE, SHARDED_DIR, STATE_FILE, _DIR_RE,
-                                          checkpoints_root, is_sharded_file, rank_file, read_marker,
-                                          read_verified, require_committed, serialize, torch_load)
+                                          checkpoints_root, is_file_checkpoint, is_sharded_file, rank_file,
+                                          read_marker, read_verified, require_committed, serialize, torch_load)
+from raytrainer.checkpoint.layout import lightning_dict, resumable_state
 from raytrainer.checkpoint.writer import CheckpointWriter, with_retries
+from raytrainer.errors import CheckpointError
 
 
 def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None, meta: dict | None = None,
          writer=None, after_commit: list | None = None, sharded: bool = False) -> None:
     """Write ``state`` to ``uri`` and commit it; every rank calls this.
 
-    ``state["rank_state"]`` (RNG states, the epoch's data RNG) differs per rank: each rank writes
-    its own small ``rank-NNNNN.pt`` right away and the ranks exchange hashes. With ``sharded``,
-    ``state["state_dict"]`` and ``state["optimizer_states"]`` are this rank's shards: every rank
-    writes them with DCP under ``sharded/`` right away, synchronously (a collective, which a
-    background thread must not run), and reports their hashes with its rank file. Rank 0
-    snapshots the shared state to bytes and commits it — in the background when ``writer`` is
-    asynchronous — writing the marker last and then running ``after_commit``. A failure anywhere
-    raises before the marker: nothing half-written is ever committed.
+    ``state["rank_state"]`` (RNG states, the epoch's data RNG) differs per rank: rank 0 gathers
+    every rank's, snapshots the whole state to bytes in Lightning's layout and commits it as one
+    sealed ``.ckpt`` file — in the background when ``writer`` is asynchronous — then runs
+    ``after_commit``. With ``sharded``, ``state["state_dict"]`` and ``state["optimizer_states"]``
+    are this rank's shards: every rank writes them with DCP under ``sharded/`` right away,
+    synchronously (a collective, which a background thread must not run), with its own rank
+    file, and rank 0 commits the folder with its marker. A failure anywhere raises before the
+    file or the marker: nothing half-written is ever committed.
     """
     writer = writer or CheckpointWriter(asynchronous=False)
     # The commit in flight finishes first, and one that failed is raised here, before this
@@ -38,34 +44,63 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     writer.wait()
     state = dict(state)
     rank_state = state.pop("rank_state")
+    marker_meta = {"global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
+    if sharded:
+        _save_folder(uri, state, rank_state, storage_options, ctx, marker_meta, writer, after_commit)
+        return
+    # Every rank's RNG goes into the one file rank 0 writes (a few kB per rank).
+    rank_states = ctx.all_gather_object(rank_state) if ctx is not None else [rank_state]
+    if ctx is not None and ctx.global_rank != 0:
+        return
+    state["rank_states"] = dict(enumerate(rank_states))
+    archive = serialize(lightning_dict(state))  # the snapshot: training may change the model from here
+    fs, path = storage.filesystem(uri, storage_options)
+
+    def commit() -> None:
+        _write_file_atomically(fs, path, sealed.seal(archive, {**marker_meta, "created": time.time()}))
+
+    writer.submit(commit, list(after_commit or []), f"checkpoint {uri}")
+
+
+def _write_file_atomically(fs, path: str, data: bytes) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if type(fs).__name__ == "LocalFileSystem":
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # local rename is atomic; object stores' PUTs are already
+        try:
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _save_folder(uri, state, rank_state, storage_options, ctx, marker_meta, writer, after_commit) -> None:
+    """A sharded checkpoint: a folder of files, committed by its marker (format.py)."""
     rank = ctx.global_rank if ctx is not None else 0
     fs, path = storage.filesystem(uri, storage_options)
     if rank == 0:
-        with_retries(lambda: _prepare_folder(fs, path, sharded), writer.policy, f"preparing checkpoint {uri}")
+        with_retries(lambda: _prepare_folder(fs, path, True), writer.policy, f"preparing checkpoint {uri}")
     if ctx is not None:
         ctx.barrier()
     files: dict = {}
     rank_blob = serialize(rank_state)
     with_retries(lambda: files.update(_write(fs, path, rank_file(rank), rank_blob)), writer.policy,
                  f"writing {uri}/{rank_file(rank)}")
-    if sharded:
-        from raytrainer.checkpoint import sharded as shards_io  # imports torch.distributed.checkpoint (0.5 s)
-        shards = {"model": state.pop("state_dict"), "optimizers": state.pop("optimizer_states")}
-        files.update(shards_io.write(fs, path, uri, shards, writer.policy))
+    from raytrainer.checkpoint import sharded as shards_io  # imports torch.distributed.checkpoint (0.5 s)
+    shards = {"model": state.pop("state_dict"), "optimizers": state.pop("optimizer_states")}
+    files.update(shards_io.write(fs, path, uri, shards, writer.policy))
     gathered = ctx.all_gather_object(files) if ctx is not None else [files]
     if rank != 0:
         return
     for f in gathered:
         files.update(f)
-    # The snapshot: after these two lines training may change the model freely.
-    model_blob = None if sharded else serialize(state.pop("state_dict"))
-    state_blob = serialize(state)
-    marker_meta = {"global_step": state.get("global_step"), "epoch": state.get("epoch"), **(meta or {})}
+    state_blob = serialize(state)  # the snapshot
 
     def commit() -> None:
         written = dict(files)
-        if model_blob is not None:
-            written.update(_write(fs, path, MODEL_FILE, model_blob))
         written.update(_write(fs, path, STATE_FILE, state_blob))
         marker = {"format_version": 1, "files": written, "created": time.time(), **marker_meta}
         _write_marker(fs, path, json.dumps(marker, indent=1).encode())
@@ -105,10 +140,16 @@ def load(uri: str, storage_options: Mapping | None = None, strategy=None, weight
     returns a sharded state of the current model (FSDP): then every rank must call this, and each
     loads its own pieces into it after ``strategy.check_shards`` accepted the saved keys and
     shapes (sharded.read_into). ``weights=False`` reads neither the model nor the
-    optimizer states (e.g. to read what a callback recorded)."""
+    optimizer states of a folder (e.g. to read what a callback recorded); a file is read whole."""
+    if is_file_checkpoint(uri):
+        return resumable_state(read_sealed(uri, storage_options), uri)
     marker = require_committed(uri, storage_options)
     fs, path = storage.filesystem(uri, storage_options)
     files = marker["files"]
+    if MODEL_FILE in files:
+        warnings.warn(f"{uri} is a checkpoint folder, the format before .ckpt files: it loads, but save it again "
+                      "(trainer.save_checkpoint, or continue the run) to have the .ckpt format", DeprecationWarning,
+                      stacklevel=2)
     blobs = {name: read_verified(fs, path, uri, name, info) for name, info in files.items()
              if not is_sharded_file(name) and (weights or name != MODEL_FILE)}
     state = torch_load(blobs[STATE_FILE], f"{uri}/{STATE_FILE}")
@@ -128,6 +169,18 @@ def load(uri: str, storage_options: Mapping | None = None, strategy=None, weight
         loaded = target
     state["state_dict"], state["optimizer_states"] = loaded["model"], loaded["optimizers"]
     return state
+
+
+def read_sealed(uri: str, storage_options: Mapping | None = None) -> dict:
+    """A run's ``.ckpt`` file, checked against its seal, as the Lightning-layout dict it holds."""
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist: pass a checkpoint "
+                              "(.../checkpoints/step=....ckpt), 'last' or 'best'") from None
+    sealed.verify(data, uri)
+    return torch_load(data, uri)
 
 
 def list_committed(cfg_or_root, storage_options: Mapping | None = None) -> list[str]:
@@ -156,8 +209,15 @@ def latest_committed(cfg, storage_options: Mapping | None = None, fit_token: str
 
 
 def delete(uri: str, storage_options: Mapping | None = None) -> None:
-    """Remove a checkpoint: the marker first, so a half-deleted folder is never 'committed'."""
+    """Remove a checkpoint: a file; a folder's marker first, so a half-deleted folder is never
+    'committed'."""
     fs, path = storage.filesystem(uri, storage_options)
+    if is_file_checkpoint(uri):
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+        return
     try:
         fs.rm(f"{path}/{COMMIT_FILE}")
     except FileNotFoundError:

@@ -204,7 +204,9 @@ class WandbLogger(Logger):
         if _sync.is_remote(uri):
             # A reference, not a copy: checkpoints can be large and already live in object storage.
             artifact.add_reference(uri, checksum=False)
-        else:
+        elif uri.endswith(".ckpt"):
+            artifact.add_file(_sync.strip_file_scheme(uri), name="model.ckpt")  # Lightning's artifact layout
+        else:  # a sharded checkpoint: a folder
             artifact.add_dir(_sync.strip_file_scheme(uri))
         self._run.log_artifact(artifact, aliases=["latest"])
         self._logged_checkpoint = uri

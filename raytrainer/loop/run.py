@@ -353,13 +353,13 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_uri(self) -> str:
         """Where a checkpoint of the current position goes (deterministic: step and boundary)."""
-        return checkpoint_uri(self.cfg, *self.progress.position())
+        return checkpoint_uri(self.cfg, *self.progress.position(), sharded=self.strategy.sharded_checkpoint)
 
     def saved_current_position(self) -> bool:
         return self.last_saved_position == self.progress.position()
 
     def save_checkpoint(self, after_commit: list | None = None) -> str:
-        """Snapshot the current state as ``checkpoints/step=...`` and return its URI; once per
+        """Snapshot the current state as ``checkpoints/step=....ckpt`` and return its URI; once per
         position (a second save there only runs ``after_commit``). The commit completes in the
         background (``Trainer(async_checkpoint=True)``); ``after_commit`` runs once it has."""
         self.check_finite_losses()

@@ -43,8 +43,8 @@ def test_callbacks_see_the_strategy_sizes_state_and_boundaries(tmp_path):
     assert ("validation", "fit", "validate", True) in obs.seen
     assert [s for s in obs.seen if s[0] == "step"] == [("step", "train", None)] * 2  # no boundary mid-step
     boundaries = [s for s in obs.seen if s[0] == "boundary"]
-    assert boundaries == [("boundary", "step", 1, "step=000000001"), ("boundary", "step", 2, "step=000000002"),
-                          ("boundary", "epoch", 2, "step=000000002-epoch_end")]
+    assert boundaries == [("boundary", "step", 1, "step=000000001.ckpt"), ("boundary", "step", 2, "step=000000002.ckpt"),
+                          ("boundary", "epoch", 2, "step=000000002-epoch_end.ckpt")]
     assert trainer.checkpoint_boundary is None and trainer.state.fn == "fit"
     (metrics,) = trainer.validate(dataloaders=loader(n=4), verbose=False)
     assert trainer.state.fn == "validate" and "val_loss" in metrics
@@ -67,9 +67,9 @@ def test_save_checkpoint_commits_the_current_position_once_and_refuses_what_it_c
         trainer.save_checkpoint()
     trainer.fit(LinearModel(), loader(n=40))
     first, again = saver.uris
-    assert first == again and first.endswith("/checkpoints/step=000000003")
+    assert first == again and first.endswith("/checkpoints/step=000000003.ckpt")
     assert rt.load_checkpoint(first)["global_step"] == 3  # committed when save_checkpoint returned
-    assert trainer.save_checkpoint().endswith("/checkpoints/step=000000005")  # after fit: where it ended
+    assert trainer.save_checkpoint().endswith("/checkpoints/step=000000005.ckpt")  # after fit: where it ended
     exported = trainer.save_checkpoint(str(tmp_path / "export" / "model.ckpt"))  # one Lightning file, there
     assert exported == str(tmp_path / "export" / "model.ckpt") and os.listdir(tmp_path / "export") == ["model.ckpt"]
     assert torch.load(exported, weights_only=True)["global_step"] == 5

@@ -1,14 +1,12 @@
 """Checkpoint integrity: atomic commit, verified and safe loading, retention, save schedules.
 
 Everything runs in-process (``launcher="local"``) on local disk, and on ``memory://`` where the
-behaviour is storage-independent. Assertions are about what is on storage: which ``step=...``
-folders exist, which are committed, and what loading them does.
+behaviour is storage-independent. Assertions are about what is on storage: which ``step=....ckpt``
+files exist, which are committed (sealed), and what loading them does.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import shlex
 import time
@@ -21,17 +19,18 @@ from torch import nn
 
 import raytrainer as rt
 from raytrainer.checkpoint import format as ckpt_format
+from raytrainer.checkpoint import sealed
 from raytrainer.checkpoint import store as ckpt_io
 from raytrainer import storage
 
-from helpers import LinearModel, ScriptedValModel, flat_params, loader
+from helpers import LinearModel, ScriptedValModel, as_legacy_folder, flat_params, loader
 
 # loader(): 10 samples, batch_size 4 -> 3 optimizer steps per epoch; validation after each epoch
 # is saved at the step boundary step=3, 6, 9, ... (no "-epoch_end" suffix).
 
 
-def _step(n: int, epoch_end: bool = False) -> str:
-    return ckpt_format.checkpoint_dir_name(n, epoch_end)
+def _step(n: int, epoch_end: bool = False, sharded: bool = False) -> str:
+    return ckpt_format.checkpoint_dir_name(n, epoch_end, sharded)
 
 
 def _trainer(storage_path, callbacks=(), name="run", **kwargs) -> rt.Trainer:
@@ -47,7 +46,7 @@ def _root(storage_path, name="run") -> str:
 
 
 def _folders(storage_path, name="run") -> list[str]:
-    """Names of the ``step=...`` folders on storage (committed or not)."""
+    """Names of what is in the checkpoints folder (committed or not)."""
     fs, path = storage.filesystem(_root(storage_path, name))
     if not fs.exists(path):
         return []
@@ -75,14 +74,6 @@ def _write(uri: str, data: bytes) -> None:
 def _exists(uri: str) -> bool:
     fs, path = storage.filesystem(uri)
     return fs.exists(path)
-
-
-def _recommit(ckpt_uri: str, name: str, data: bytes) -> None:
-    """Replace ``name`` in a checkpoint *and* fix its hash in COMMIT.json (a forged, valid marker)."""
-    _write(f"{ckpt_uri}/{name}", data)
-    marker = json.loads(_read(f"{ckpt_uri}/{ckpt_io.COMMIT_FILE}"))
-    marker["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    _write(f"{ckpt_uri}/{ckpt_io.COMMIT_FILE}", json.dumps(marker).encode())
 
 
 class StartStep(rt.Callback):
@@ -128,40 +119,35 @@ def no_retry_delay(monkeypatch):
 
 @pytest.mark.parametrize("async_checkpoint", [True, False], ids=["async", "sync"])
 def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_delay, async_checkpoint):
-    """A save that dies between the data files and COMMIT.json (every retry of step 3's marker
-    fails, as when the process is killed there) leaves a folder that is not a checkpoint: "last"
-    picks the previous committed one, and loading it is refused."""
-    real, calls = ckpt_io._write_marker, []
+    """A save that dies while writing step 3's file (every retry fails, as when the process is
+    killed there) leaves at most a temp file, never a file under the checkpoint's name: "last"
+    picks the previous committed one, and step 3 is refused as missing."""
+    real, calls = ckpt_io._write_file_atomically, []
 
-    def dying_marker(fs, path, data):
+    def dying_write(fs, path, data):
         calls.append(path)
         if path.endswith(_step(3)):
-            raise InjectedFailure("simulated crash before the commit marker")
+            fs.pipe_file(f"{path}.tmp-dead", data[: len(data) // 2])  # what a killed writer leaves
+            raise InjectedFailure("simulated crash while writing the checkpoint")
         real(fs, path, data)
 
-    monkeypatch.setattr(ckpt_io, "_write_marker", dying_marker)
-    with pytest.raises(Exception, match="simulated crash before the commit marker"):
+    monkeypatch.setattr(ckpt_io, "_write_file_atomically", dying_write)
+    with pytest.raises(Exception, match="simulated crash while writing the checkpoint"):
         _trainer(store, [_every_step()], max_steps=5, async_checkpoint=async_checkpoint).fit(
             LinearModel(), loader(shuffle=True))
-    monkeypatch.setattr(ckpt_io, "_write_marker", real)
+    monkeypatch.setattr(ckpt_io, "_write_file_atomically", real)
     assert calls and all(not c.endswith(_step(4)) and not c.endswith(_step(5)) for c in calls)
 
     torn = _uri(store, _step(3))
-    # (an asynchronous writer may have started step 4's folder before step 3's failure surfaced)
-    assert _folders(store)[:3] == [_step(1), _step(2), _step(3)]
-    fs, path = storage.filesystem(torn)
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    assert {"model.pt", "state.pt", "rank-00000.pt"} <= set(names)  # the data files were written
-    assert ckpt_io.COMMIT_FILE not in names
+    assert _folders(store) == [_step(1), _step(2), f"{_step(3)}.tmp-dead"]
     assert _committed(store) == [_step(1), _step(2)]
-
-    with pytest.raises(rt.CheckpointError, match="not committed"):
+    with pytest.raises(rt.CheckpointError, match="does not exist"):
         rt.load_checkpoint(torn)
-    with pytest.raises(rt.CheckpointError, match="not committed"):
+    with pytest.raises(rt.CheckpointError, match="does not exist"):
         _trainer(store, [_every_step()], max_steps=5).fit(LinearModel(), loader(shuffle=True), ckpt_path=torn)
 
-    # "last" resumes from step 2 (not the higher, uncommitted step 3) and ends exactly like a run
-    # that never crashed.
+    # "last" resumes from step 2 (the dead temp file is not a checkpoint) and ends exactly like a
+    # run that never crashed.
     starts = StartStep()
     resumed = LinearModel()
     result = _trainer(store, [_every_step(), starts], max_steps=5, async_checkpoint=async_checkpoint).fit(
@@ -186,60 +172,86 @@ def fitted(store):
     return store, [_uri(store, _step(3)), _uri(store, _step(6))]
 
 
-@pytest.mark.parametrize("name", ["model.pt", "state.pt", "rank-00000.pt"])
-def test_flipped_byte_is_detected_and_named(fitted, name):
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_flipped_byte_is_detected_and_named(fitted, where):
     store, (_, last) = fitted
-    data = bytearray(_read(f"{last}/{name}"))
-    data[len(data) // 2] ^= 0x01
-    _write(f"{last}/{name}", bytes(data))
+    data = bytearray(_read(last))
+    data[int(len(data) * where)] ^= 0x01  # in a tensor, the pickled structure, or the archive's index
+    _write(last, bytes(data))
 
-    with pytest.raises(rt.CheckpointError, match=f"{name}.*corrupted"):
+    with pytest.raises(rt.CheckpointError, match=f"{_step(6)}.*corrupted"):
         rt.load_checkpoint(last)
     # Resuming from it fails loudly too, naming the file (never a silent fresh start).
-    with pytest.raises(rt.CheckpointError, match=name):
+    with pytest.raises(rt.CheckpointError, match=_step(6)):
         _trainer(store, max_epochs=3).fit(LinearModel(), loader(), loader(), ckpt_path="last")
 
 
 def test_truncated_and_missing_files_are_detected(fitted):
-    _, (first, last) = fitted
-    data = _read(f"{last}/state.pt")
-    _write(f"{last}/state.pt", data[: len(data) // 2])
-    with pytest.raises(rt.CheckpointError, match="state.pt"):
+    store, (first, last) = fitted
+    data = _read(last)
+    _write(last, data[: len(data) // 2])  # a copy cut short: its seal is gone
+    assert ckpt_io.read_marker(last) is None and _committed(store) == [_step(3)]
+    with pytest.raises(rt.CheckpointError, match="not a committed raytrainer checkpoint"):
         rt.load_checkpoint(last)
-    fs, path = storage.filesystem(f"{first}/model.pt")
+    fs, path = storage.filesystem(first)
     fs.rm(path)
-    with pytest.raises(rt.CheckpointError, match="missing model.pt"):
+    with pytest.raises(rt.CheckpointError, match="does not exist"):
         rt.load_checkpoint(first)
 
 
-@pytest.mark.parametrize("garbage", [b"", b'{"format_version": 1, "files": {"model.pt"', b"\x00\xff\xfe garbage",
-                                     b"[1, 2, 3]", b'"committed"', b'{"format_version": 1}'],
-                         ids=["empty", "truncated", "binary", "list", "string", "no-files"])
-def test_torn_commit_marker_is_not_committed(fitted, garbage):
-    _, (_, last) = fitted
-    _write(f"{last}/{ckpt_io.COMMIT_FILE}", garbage)
-    assert ckpt_io.read_marker(last) is None
-    with pytest.raises(rt.CheckpointError, match="not committed"):
-        rt.load_checkpoint(last)
-
-
-@pytest.mark.parametrize("files", [{}, "model.pt", ["state.pt"]], ids=["empty", "string", "list"])
-def test_commit_marker_without_the_file_table_is_a_checkpoint_error(fitted, files):
-    _, (_, last) = fitted
-    marker = json.loads(_read(f"{last}/{ckpt_io.COMMIT_FILE}"))
-    marker["files"] = files
-    _write(f"{last}/{ckpt_io.COMMIT_FILE}", json.dumps(marker).encode())
-    with pytest.raises(rt.CheckpointError):
-        rt.load_checkpoint(last)
-
-
-def test_torn_commit_marker_is_skipped_by_last(fitted):
+@pytest.mark.parametrize("garbage", [b"", b'{"raytrainer_commit": 1, "sha2', b"\x00\xff\xfe garbage",
+                                     b"[1, 2, 3]", b'"committed"', b'{"sha256": "00", "size": 10}'],
+                         ids=["empty", "truncated", "binary", "list", "string", "no-key"])
+def test_torn_commit_seal_is_not_committed_and_skipped_by_last(fitted, garbage):
+    """The archive intact, its seal (the zip comment) replaced: not a checkpoint."""
     store, (first, last) = fitted
-    _write(f"{last}/{ckpt_io.COMMIT_FILE}", b'{"format_version": 1, "fi')
+    data = _read(last)
+    meta = sealed.read_seal(data[-sealed.tail_size():])
+    body = data[: meta["size"] + 20]  # up to the end record's comment-length field
+    _write(last, body + len(garbage).to_bytes(2, "little") + garbage)
+    assert torch.load(io.BytesIO(_read(last)), weights_only=True)["global_step"] == 6  # still a valid archive
+    assert ckpt_io.read_marker(last) is None
+    with pytest.raises(rt.CheckpointError, match="not a committed raytrainer checkpoint"):
+        rt.load_checkpoint(last)
     assert ckpt_io.latest_committed(_trainer(store).cfg) == first
     starts = StartStep()
     _trainer(store, [starts], max_epochs=3).fit(LinearModel(), loader(), loader(), ckpt_path="last")
     assert starts.starts == [3]
+
+
+def test_a_seal_copied_from_another_checkpoint_does_not_match(fitted):
+    _, (first, last) = fitted
+    theirs = _read(first)
+    seal_of_first = theirs[sealed.read_seal(theirs[-sealed.tail_size():])["size"]:]
+    ours = _read(last)
+    _write(last, ours[: sealed.read_seal(ours[-sealed.tail_size():])["size"]] + seal_of_first)
+    with pytest.raises(rt.CheckpointError, match="corrupted"):
+        rt.load_checkpoint(last)
+
+
+def test_the_folder_format_before_ckpt_files_still_loads_resumes_and_is_verified(fitted):
+    """Checkpoints written before .ckpt files (folders with model.pt, state.pt, rank files and
+    COMMIT.json) load with a deprecation warning, resume, and keep their hash checks."""
+    store, (first, last) = fitted
+    if store.startswith("memory://"):
+        pytest.skip("the folder is rewritten on local disk (tests/helpers.py)")
+    folder = as_legacy_folder(last)
+    assert _committed(store) == [_step(3), _step(6, sharded=True)]
+    with pytest.warns(DeprecationWarning, match="the format before .ckpt files"):
+        assert rt.load_checkpoint(folder)["global_step"] == 6
+    starts = StartStep()
+    _trainer(store, [starts], max_epochs=3).fit(LinearModel(), loader(), loader(), ckpt_path="last")
+    assert starts.starts == [6]
+
+    data = bytearray(_read(f"{folder}/model.pt"))
+    data[len(data) // 2] ^= 0x01
+    _write(f"{folder}/model.pt", bytes(data))
+    with pytest.raises(rt.CheckpointError, match="model.pt is corrupted"):
+        rt.load_checkpoint(folder)
+    _write(f"{folder}/{ckpt_io.COMMIT_FILE}", b'{"format_version": 1, "fi')
+    assert ckpt_io.read_marker(folder) is None
+    with pytest.raises(rt.CheckpointError, match="not committed"):
+        rt.load_checkpoint(folder)
 
 
 # ---------------------------------------------------------------- weights_only: no code execution
@@ -267,15 +279,15 @@ def test_payload_would_execute_without_weights_only(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("name", ["state.pt", "model.pt", "rank-00000.pt"])
-def test_malicious_pickle_with_valid_hash_is_refused(fitted, tmp_path, name):
+def test_malicious_pickle_with_a_valid_seal_is_refused(fitted, tmp_path):
     store, (_, last) = fitted
-    marker = tmp_path / f"pwned-{name}"
-    _recommit(last, name, _malicious(marker))  # the hash matches: only weights_only protects
+    marker = tmp_path / "pwned"
+    _write(last, sealed.seal(_malicious(marker), {"global_step": 6, "epoch": 1}))  # the seal matches
+    assert ckpt_io.read_marker(last)["global_step"] == 6  # committed, as far as the seal says
 
     with pytest.raises(rt.CheckpointError, match="weights_only") as err:
         rt.load_checkpoint(last)
-    assert name in str(err.value)
+    assert _step(6) in str(err.value)
     with pytest.raises(rt.CheckpointError, match="weights_only"):
         _trainer(store, max_epochs=3).fit(LinearModel(), loader(), loader(), ckpt_path="last")
     with pytest.raises(rt.CheckpointError, match="weights_only"):
@@ -386,7 +398,7 @@ def test_evicted_files_are_deleted_only_after_the_new_commit(tmp_path, monkeypat
     def spying_delete(uri, storage_options=None):
         newest = ckpt_io.list_committed(_root(tmp_path))[-1]
         # At deletion time the checkpoint that replaces it is already committed on storage.
-        deletions.append((_name(uri), _name(newest), _exists(f"{newest}/{ckpt_io.COMMIT_FILE}")))
+        deletions.append((_name(uri), _name(newest), ckpt_io.read_marker(newest) is not None))
         real_delete(uri, storage_options)
 
     monkeypatch.setattr(ckpt_io, "delete", spying_delete)
@@ -464,7 +476,7 @@ def test_save_on_train_epoch_end(tmp_path):
     ckpt = rt.callbacks.ModelCheckpoint(monitor="val_loss", save_on_train_epoch_end=True, save_top_k=-1)
     _trainer(tmp_path, [ckpt], max_epochs=2).fit(ScriptedValModel([2.0, 1.0]), loader(), loader())
     assert _folders(tmp_path) == [_step(3, True), _step(6, True)]
-    assert ckpt.best_model_path.endswith("step=000000006-epoch_end") and ckpt.best_model_score == 1.0
+    assert ckpt.best_model_path.endswith("step=000000006-epoch_end.ckpt") and ckpt.best_model_score == 1.0
 
 
 def test_no_validation_saves_at_epoch_end(tmp_path):
@@ -540,38 +552,48 @@ def recorded_backoff(monkeypatch):
     return waits
 
 
-def _failing(monkeypatch, target: str, folder: str, times: int | None, file: str = "model.pt") -> list[str]:
-    """Make ``checkpoint._write_marker`` (target="marker") or the write of ``file`` (target="data")
-    raise OSError for checkpoint ``folder``: the first ``times`` calls, or always (None)."""
+def _failing(monkeypatch, name: str, times: int | None, at: str) -> list[str]:
+    """Make writing checkpoint ``name`` raise OSError: the first ``times`` attempts, or always
+    (None); ``at`` "write" (the bytes never reach storage) or "rename" (a local temp file is
+    written, then its rename fails; on object stores, the one PUT fails)."""
     calls: list[str] = []
-    real = ckpt_io._write_marker if target == "marker" else ckpt_io._write
+    real_write = ckpt_io._write_file_atomically
 
-    def flaky(fs, path, *args):
-        if path.endswith(folder) and (target == "marker" or args[0] == file):
+    def flaky(fs, path, data):
+        if path.endswith(name):
             calls.append(path)
             if times is None or len(calls) <= times:
+                if at == "rename" and type(fs).__name__ == "LocalFileSystem":
+                    def failing_mv(*args, **kwargs):
+                        raise OSError(f"simulated storage outage #{len(calls)}")
+                    original, fs.mv = fs.mv, failing_mv
+                    try:
+                        return real_write(fs, path, data)
+                    finally:
+                        fs.mv = original
                 raise OSError(f"simulated storage outage #{len(calls)}")
-        return real(fs, path, *args)
+        return real_write(fs, path, data)
 
-    monkeypatch.setattr(ckpt_io, "_write_marker" if target == "marker" else "_write", flaky)
+    monkeypatch.setattr(ckpt_io, "_write_file_atomically", flaky)
     return calls
 
 
-@pytest.mark.parametrize("target", ["marker", "data"])
+@pytest.mark.parametrize("at", ["write", "rename"])
 @pytest.mark.parametrize("async_checkpoint", [True, False], ids=["async", "sync"])
 def test_transient_storage_failure_is_retried_with_backoff_and_commits(
-        store, monkeypatch, rt_log, recorded_backoff, async_checkpoint, target):
-    """Step 2's commit fails twice (the marker, or model.pt), then storage recovers: the commit is
-    retried after 0.5 s and 1 s (the default exponential backoff), lands, and training goes on."""
-    calls = _failing(monkeypatch, target, _step(2), times=2)
+        store, monkeypatch, rt_log, recorded_backoff, async_checkpoint, at):
+    """Step 2's commit fails twice, then storage recovers: the commit is retried after 0.5 s and
+    1 s (the default exponential backoff), lands, and training goes on; a failed rename leaves no
+    temp file behind."""
+    calls = _failing(monkeypatch, _step(2), times=2, at=at)
     result = _trainer(store, [_every_step()], max_steps=4, async_checkpoint=async_checkpoint).fit(
         LinearModel(), loader(shuffle=True))
 
     assert result.global_step == 4  # training finished
     assert len(calls) == 3          # two failures, then the attempt that succeeded
     assert recorded_backoff == [0.5, 1.0]
-    assert _committed(store) == [_step(n) for n in range(1, 5)]
-    state = rt.load_checkpoint(_uri(store, _step(2)))  # hashes verified: the retry wrote it whole
+    assert _committed(store) == [_step(n) for n in range(1, 5)] == _folders(store)  # no temp file left
+    state = rt.load_checkpoint(_uri(store, _step(2)))  # hash verified: the retry wrote it whole
     assert state["global_step"] == 2
     out = rt_log.text
     retries = [line for line in out.splitlines() if "retrying in" in line]
@@ -588,10 +610,10 @@ def test_transient_storage_failure_is_retried_with_backoff_and_commits(
     assert torch.equal(flat_params(resumed), flat_params(straight))
 
 
-@pytest.mark.parametrize("target", ["marker", "data"])
+@pytest.mark.parametrize("at", ["write", "rename"])
 @pytest.mark.parametrize("async_checkpoint", [True, False], ids=["async", "sync"])
 def test_permanent_failure_of_the_final_checkpoint_raises_at_fit_end(
-        store, monkeypatch, rt_log, recorded_backoff, async_checkpoint, target):
+        store, monkeypatch, rt_log, recorded_backoff, async_checkpoint, at):
     """The *last* save of a fit never commits: fit raises CheckpointUploadError naming it (a
     synchronous commit at the save; an asynchronous one when fit waits for it after the loop has
     ended: never dropped), and the previous
@@ -606,7 +628,7 @@ def test_permanent_failure_of_the_final_checkpoint_raises_at_fit_end(
         def on_train_end(self, trainer, pl_module):
             TrainEnd.ended = True
 
-    calls = _failing(monkeypatch, target, _step(3), times=None)
+    calls = _failing(monkeypatch, _step(3), times=None, at=at)
     keep_one = rt.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=1)
     with pytest.raises(CheckpointUploadError) as err:
         _trainer(store, [keep_one, TrainEnd()], max_steps=3, async_checkpoint=async_checkpoint).fit(
@@ -621,7 +643,8 @@ def test_permanent_failure_of_the_final_checkpoint_raises_at_fit_end(
     # step 1 was evicted after step 2 committed; step 2 survives step 3's failed commit.
     assert _committed(store) == [_step(2)]
     assert rt.load_checkpoint(_uri(store, _step(2)))["global_step"] == 2
-    with pytest.raises(rt.CheckpointError, match="not committed"):
+    assert _folders(store) == [_step(2)]  # nothing of step 3, not even a temp file
+    with pytest.raises(rt.CheckpointError, match="does not exist"):
         rt.load_checkpoint(_uri(store, _step(3)))
     monkeypatch.undo()  # storage works again: "last" resumes from step 2
     starts = StartStep()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_trainer
+from helpers import as_legacy_folder, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -95,10 +95,14 @@ def test_load_from_checkpoint_reads_lightnings_ckpt_like_lightning(tmp_path):
     assert ours.training and again.training  # both as constructed: in training mode
 
 
-def test_load_from_checkpoint_reads_a_run_folder_and_on_load_checkpoint_can_rename_keys(tmp_path):
+def test_load_from_checkpoint_reads_a_run_checkpoint_and_on_load_checkpoint_can_rename_keys(tmp_path):
     trainer = make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(RtRegressor(hidden=3), data())
-    folder = trainer.checkpoint_callback.last_model_path or rt.checkpoint.latest_committed(trainer.cfg)
+    path = trainer.checkpoint_callback.best_model_path
+    assert path.endswith("/checkpoints/step=000000004-epoch_end.ckpt")  # the run's own checkpoint: one file
+    plain = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))  # Lightning users' first habit
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in torch.load(path, weights_only=True)["state_dict"].items()})
+    _same_weights(plain, trainer.lightning_module.net)
 
     class Renamed(RtRegressor):  # the layer was renamed since the checkpoint was written
         def __init__(self, hidden=4, lr=0.1):
@@ -109,10 +113,17 @@ def test_load_from_checkpoint_reads_a_run_folder_and_on_load_checkpoint_can_rena
         def on_load_checkpoint(self, checkpoint):
             checkpoint["state_dict"] = {k.replace("net.", "body."): v for k, v in checkpoint["state_dict"].items()}
 
-    model = Renamed.load_from_checkpoint(folder, map_location="cpu")
+    model = Renamed.load_from_checkpoint(path, map_location="cpu")
     assert model.hparams.hidden == 3 and model.body[0].weight.shape == (3, 3)
+    assert PlRegressor.load_from_checkpoint(path).hparams.hidden == 3  # pytorch-lightning reads it as is
     with pytest.raises(RuntimeError, match=r"size mismatch for net.0.weight"):
-        RtRegressor.load_from_checkpoint(folder, hidden=7)  # a mismatched model: strict by default
+        RtRegressor.load_from_checkpoint(path, hidden=7)  # a mismatched model: strict by default
+    RtRegressor.load_from_checkpoint(path, map_location=lambda storage, location: storage)
+    # The folder format before .ckpt files still loads (with a deprecation warning); its tensors
+    # load on the CPU, so torch's function form of map_location is refused with the reason.
+    folder = as_legacy_folder(path)
+    with pytest.warns(DeprecationWarning, match="the format before .ckpt files"):
+        _same_weights(Renamed.load_from_checkpoint(folder).body, model.body)
     with pytest.raises(ValueError, match="map_location as a function applies to .ckpt files"):
         RtRegressor.load_from_checkpoint(folder, map_location=lambda storage, location: storage)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):

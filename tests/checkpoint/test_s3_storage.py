@@ -7,9 +7,7 @@ What reached the bucket is read back with boto3 (independent of s3fs and its cac
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import os
 
 import pytest
@@ -20,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import raytrainer as rt
 from raytrainer.checkpoint import format as ckpt_format
+from raytrainer.checkpoint import sealed
 from raytrainer.checkpoint import store as ckpt_io
 
 from helpers import NoisyData
@@ -109,18 +108,14 @@ def test_fit_on_s3_commits_checkpoints_and_uploads_logs(s3_env, s3_server, tmp_p
     assert result.log_dir == f"{run}/tensorboard"
 
     objects = _objects(s3_server, run)
-    for uri in uris:
-        folder = uri[len(run) + 1:]
-        files = {k[len(folder) + 1:]: v for k, v in objects.items() if k.startswith(folder + "/")}
-        assert set(files) == {"model.pt", "state.pt", "rank-00000.pt", "COMMIT.json"}
-        marker = json.loads(files["COMMIT.json"])
-        assert set(marker["files"]) == {"model.pt", "state.pt", "rank-00000.pt"}
-        for name, info in marker["files"].items():  # the marker's hashes are those of the bytes stored
-            assert (hashlib.sha256(files[name]).hexdigest(), len(files[name])) == (info["sha256"], info["size"])
-    assert not [k for k in objects if k.endswith(".tmp")]
+    assert sorted(k for k in objects if k.startswith("checkpoints/")) == [u[len(run) + 1:] for u in uris]
+    for uri in uris:  # one object each, whose bytes match the hash in its seal
+        meta = sealed.verify(objects[uri[len(run) + 1:]], uri)
+        assert (meta["global_step"], meta["epoch"]) == (int(uri.rsplit("=", 1)[1][:9]), uris.index(uri))
+    assert not [k for k in objects if ".tmp" in k]
 
-    # the final checkpoint holds the final weights
-    final = torch.load(io.BytesIO(objects[f"checkpoints/{_step(10)}/model.pt"]), weights_only=True)
+    # the final checkpoint holds the final weights, read as Lightning users read a checkpoint
+    final = torch.load(io.BytesIO(objects[f"checkpoints/{_step(10)}"]), weights_only=True)["state_dict"]
     for key, value in model.state_dict().items():
         assert torch.equal(final[key], value), key
 
@@ -211,7 +206,7 @@ def test_bucket_holds_no_credentials(s3_env, s3_server):
     bucket, _ = _bucket_and_key(s3_env)
     objects = s3_server.all_objects(bucket)  # every object in the bucket, not just under the run
     kinds = {k.rsplit("/", 1)[-1].split(".")[0] for k in objects}
-    assert {"model", "state", "rank-00000", "COMMIT", "metrics", "hparams", "events"} <= kinds
+    assert {"metrics", "hparams", "events"} <= kinds and any(k.endswith(".ckpt") for k in objects)
     _assert_no_secret(objects)
 
     # the places a configuration would land, checked as parsed data too
@@ -247,7 +242,7 @@ def test_secret_scan_detects_a_leak(s3_env, s3_server, monkeypatch):
     monkeypatch.setattr(redaction, "redact_with_paths", lambda value, also=(), environ=None: (value, []))
     with pytest.raises(AssertionError) as err:
         _assert_no_secret(fit("leaky"))
-    for where in ("hparams.yaml", "tfevents", "state.pt"):
+    for where in ("hparams.yaml", "tfevents", ".ckpt"):
         assert where in str(err.value)
 
 
@@ -270,7 +265,7 @@ def test_storage_options_credentials_are_not_written(s3_env, s3_server, monkeypa
     _, result, _ = _fit(s3_env, max_epochs=1, logger=False, storage_options=options)
     assert result.checkpoints == [f"{s3_env}/run/checkpoints/{_step(STEPS_PER_EPOCH)}"]
     objects = s3_server.all_objects(_bucket_and_key(s3_env)[0])
-    assert any(k.endswith("COMMIT.json") for k in objects)
+    assert any(k.endswith(".ckpt") for k in objects)
     _assert_no_secret(objects)
     assert rt.load_checkpoint(result.checkpoints[0], options)["global_step"] == STEPS_PER_EPOCH
 

@@ -3,7 +3,7 @@ not) on the same port.
 
 In-process (``launcher="local"``), asynchronous checkpoints. An outage that must hit a pending
 checkpoint upload is started from inside the checkpoint writer thread, at the moment it begins
-writing one checkpoint's files: it always hits the upload, never the training thread. Everything
+writing one checkpoint's file: it always hits the upload, never the training thread. Everything
 else is real: s3fs/botocore get connection-refused errors from a closed port, raytrainer's
 RetryPolicy (shortened with ``Trainer(checkpoint_retry=...)``) backs off, and what reached the
 bucket is read back with boto3.
@@ -19,9 +19,7 @@ checkpoint write's real retry budget is about attempts x 7 s plus the RetryPolic
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import threading
 import time
 
@@ -32,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as rt
 from raytrainer.checkpoint import format as ckpt_format
+from raytrainer.checkpoint import sealed
 from raytrainer.checkpoint import store as ckpt_io
 from raytrainer.checkpoint.writer import CheckpointUploadError, RetryPolicy
 
@@ -94,24 +93,16 @@ class Outage:
         self.t_up = time.monotonic()
         self.restarted.set()
 
-    def at_checkpoint_write(self, monkeypatch, folder: str, before: str) -> "Outage":
-        """Begin when the checkpoint writer is about to write ``before`` of checkpoint ``folder``:
-        ``"model.pt"`` (the first file of the commit) or ``"COMMIT.json"`` (all data files are
-        written, the marker is next)."""
-        real_write, real_marker = ckpt_io._write, ckpt_io._write_marker
+    def at_checkpoint_write(self, monkeypatch, name: str) -> "Outage":
+        """Begin when the checkpoint writer is about to write checkpoint ``name`` (its one file)."""
+        real_write = ckpt_io._write_file_atomically
 
-        def write(fs, path, name, data):
-            if name == before and path.endswith(folder):
+        def write(fs, path, data):
+            if path.endswith(name):
                 self.begin()
-            return real_write(fs, path, name, data)
+            return real_write(fs, path, data)
 
-        def write_marker(fs, path, data):
-            if before == ckpt_io.COMMIT_FILE and path.endswith(folder):
-                self.begin()
-            return real_marker(fs, path, data)
-
-        monkeypatch.setattr(ckpt_io, "_write", write)
-        monkeypatch.setattr(ckpt_io, "_write_marker", write_marker)
+        monkeypatch.setattr(ckpt_io, "_write_file_atomically", write)
         return self
 
 
@@ -185,13 +176,10 @@ def _bucket_objects(server, storage_path: str, under: str) -> dict[str, bytes]:
     return {k[len(prefix):]: v for k, v in server.all_objects(bucket).items() if k.startswith(prefix)}
 
 
-def _assert_marker_matches_bucket(server, storage_path: str, step: int) -> None:
-    objects = _bucket_objects(server, storage_path, f"checkpoints/{_folder(step)}")
-    marker = json.loads(objects.pop(ckpt_io.COMMIT_FILE))
-    assert marker["global_step"] == step
-    assert set(objects) == set(marker["files"]) == {"model.pt", "state.pt", "rank-00000.pt"}
-    for name, info in marker["files"].items():
-        assert (hashlib.sha256(objects[name]).hexdigest(), len(objects[name])) == (info["sha256"], info["size"])
+def _assert_seal_matches_bucket(server, storage_path: str, step: int) -> None:
+    """Checkpoint ``step`` is one object in the bucket whose bytes match its seal's hash."""
+    data = _bucket_objects(server, storage_path, "checkpoints")[_folder(step)]
+    assert sealed.verify(data, _folder(step))["global_step"] == step
 
 
 def _retry_lines(out: str) -> list[str]:
@@ -203,7 +191,7 @@ def test_server_down_during_upload_retries_and_commits_while_training_goes_on(s3
     (0.1 s, 0.2 s, 0.4 s ...), the checkpoint commits whole after the recovery, and training kept
     stepping the whole time the server was down."""
     server, storage_path = s3
-    outage = Outage(server, down_s=0.6).at_checkpoint_write(monkeypatch, _folder(EVERY), before="model.pt")
+    outage = Outage(server, down_s=0.6).at_checkpoint_write(monkeypatch, _folder(EVERY))
     clock = StepClock()
     retry = RetryPolicy(attempts=8, base_delay_s=0.1, max_delay_s=0.4)  # waits sum to 2.5 s > outage
     result = _trainer(storage_path, [clock], retry, max_steps=2 * EVERY, save_top_k=-1).fit(
@@ -226,11 +214,11 @@ def test_server_down_during_upload_retries_and_commits_while_training_goes_on(s3
                for line in retries), retries
     assert [line.rsplit("retrying in ", 1)[1] for line in retries] == ["0.1s", "0.2s", "0.4s", "0.4s"][:len(retries)]
 
-    # ... and the checkpoint committed after the recovery, whole: every file in the bucket has the
-    # marker's hash (read with boto3), it loads (hashes verified) and holds step 400's weights.
+    # ... and the checkpoint committed after the recovery, whole: the object in the bucket has its
+    # seal's hash (read with boto3), it loads (hash verified) and holds step 400's weights.
     uris = [f"{_root(storage_path)}/{_folder(n)}" for n in (EVERY, 2 * EVERY)]
     assert ckpt_io.list_committed(_root(storage_path)) == uris
-    _assert_marker_matches_bucket(server, storage_path, EVERY)
+    _assert_seal_matches_bucket(server, storage_path, EVERY)
     state = rt.load_checkpoint(uris[0])
     assert state["global_step"] == EVERY
     for key, value in clock.weights[EVERY].items():
@@ -239,16 +227,16 @@ def test_server_down_during_upload_retries_and_commits_while_training_goes_on(s3
 
 @pytest.mark.parametrize("max_steps", [2 * EVERY + 50, 3 * EVERY], ids=["final-checkpoint", "mid-run"])
 def test_server_down_past_the_retry_budget_raises_and_keeps_the_last_commit(s3, monkeypatch, rt_log, max_steps):
-    """The server goes down while checkpoint 800 is being committed (its data files are written,
-    COMMIT.json is next) and stays down. fit raises CheckpointUploadError naming that checkpoint
+    """The server goes down as checkpoint 800 is being written and stays down. fit raises
+    CheckpointUploadError naming that checkpoint
     and the attempts -- when fit waits for it at the end, or at the next checkpoint boundary
     (mid-run: step 1200, before that one touches storage) -- not the loggers' upload error from
     the cleanup after it. Checkpoint 400 is intact: retention (save_top_k=1) did not delete it, its
-    marker verifies, it holds step 400's weights; the torn folder of 800 is not committed."""
+    seal verifies, it holds step 400's weights; nothing of 800 is in the bucket (one PUT: whole or
+    absent)."""
     server, storage_path = s3
     good, failing = EVERY, 2 * EVERY
-    outage = Outage(server, down_s=None).at_checkpoint_write(monkeypatch, _folder(failing),
-                                                             before=ckpt_io.COMMIT_FILE)
+    outage = Outage(server, down_s=None).at_checkpoint_write(monkeypatch, _folder(failing))
     clock = StepClock()
     retry = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=0.2)
     trainer = _trainer(storage_path, [clock], retry, max_steps=max_steps, save_top_k=1,
@@ -267,15 +255,14 @@ def test_server_down_past_the_retry_budget_raises_and_keeps_the_last_commit(s3, 
     assert clock.times[-1][0] == max_steps
 
     server.start(port=outage.port)  # storage is back: inspect what the outage left behind
-    torn = _bucket_objects(server, storage_path, f"checkpoints/{_folder(failing)}")
-    assert set(torn) == {"model.pt", "state.pt", "rank-00000.pt"}  # data written, never committed
-    if max_steps == 3 * EVERY:  # the error was raised before the next checkpoint wrote anything
-        assert _bucket_objects(server, storage_path, f"checkpoints/{_folder(max_steps)}") == {}
-    with pytest.raises(rt.CheckpointError, match="not committed"):
+    # Nothing of 800 (one PUT: whole or absent) and, mid-run, the error was raised before the
+    # next checkpoint wrote anything.
+    assert sorted(_bucket_objects(server, storage_path, "checkpoints")) == [_folder(good)]
+    with pytest.raises(rt.CheckpointError, match="does not exist"):
         rt.load_checkpoint(failed_uri)
     good_uri = f"{_root(storage_path)}/{_folder(good)}"
     assert ckpt_io.list_committed(_root(storage_path)) == [good_uri]
-    _assert_marker_matches_bucket(server, storage_path, good)
+    _assert_seal_matches_bucket(server, storage_path, good)
     state = rt.load_checkpoint(good_uri)
     assert state["global_step"] == good
     for key, value in clock.weights[good].items():

@@ -226,8 +226,8 @@ def test_fit_writes_checkpoints_and_config_next_to_them(tmp_path, capsys):
     code, out, err = run(capsys, "fit", "--config", cfg, "--trainer.max_epochs", "2")
     assert code == 0, err
     run_dir = tmp_path / "runs" / "run"
-    committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("*/COMMIT.json"))
-    assert committed and committed[-1] == "step=000000008"  # 2 epochs x 4 batches
+    committed = [u.rsplit("/", 1)[1] for u in rt.checkpoint.list_committed(str(run_dir / "checkpoints"))]
+    assert committed and committed[-1] == "step=000000008.ckpt"  # 2 epochs x 4 batches
     assert f"config: {run_dir / 'config.yaml'}" in out
     text = (run_dir / "config.yaml").read_text()
     assert "storage_options" not in text and "auto_mkdir" not in text
@@ -417,7 +417,7 @@ def test_digits_example_config_trains_locally(tmp_path, capsys, monkeypatch):
                          "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
                          "--trainer.enable_progress_bar", "false", "--trainer.storage_path", str(tmp_path))
     assert code == 0, err
-    assert list((tmp_path / "digits-local" / "checkpoints").glob("*/COMMIT.json"))
+    assert rt.checkpoint.list_committed(str(tmp_path / "digits-local" / "checkpoints"))
     assert (tmp_path / "digits-local" / "config.yaml").exists()
 
 

@@ -91,7 +91,7 @@ def test_kill_and_resume_continues_one_wandb_and_one_mlflow_run(tmp_path, wandb_
     with pytest.raises(RuntimeError, match="simulated kill"):
         _fit(tmp_path, [wb, ml], Kill())
     last = ckpt_io.latest_committed(make_trainer(tmp_path).cfg)
-    assert "step=000000004" in last
+    assert "step=000000004.ckpt" in last
     assert ckpt_io.load(last)["loggers"] == [{"wandb_run_id": wb.run_id},
                                              {"mlflow_run_id": ml.run_id}]
 
@@ -117,7 +117,7 @@ def test_kill_and_resume_continues_one_wandb_and_one_mlflow_run(tmp_path, wandb_
     # log_checkpoints: the newest committed checkpoint, as an artifact, when the run finished
     [(name, kind, paths)] = second["artifacts"]
     assert (name, kind) == (f"model-{wb.run_id}", "model")
-    assert {"COMMIT.json", "model.pt", "state.pt"} <= set(paths)
+    assert set(paths) == {"model.ckpt"}  # the checkpoint file, named as Lightning's WandbLogger names it
 
     # MLflow: one run in the experiment, FINISHED, every step logged by either attempt.
     from mlflow.tracking import MlflowClient

@@ -33,7 +33,7 @@ def test_nonfinite_loss_stops_with_the_step_and_commits_nothing_after_it(tmp_pat
     with pytest.raises(rt.NonFiniteLossError, match=rf"was {value} at step 7 \(epoch 0\)"):
         trainer.fit(Explodes(at_step=7, value=value), data)
     committed = [u.rsplit("/", 1)[-1] for u in rt.checkpoint.list_committed(f"{tmp_path}/nan/checkpoints")]
-    assert committed == ["step=000000003", "step=000000006"]  # the boundary at step 9 never committed
+    assert committed == ["step=000000003.ckpt", "step=000000006.ckpt"]  # the boundary at step 9 never committed
     for name in committed:
         state = rt.load_checkpoint(f"{tmp_path}/nan/checkpoints/{name}")["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values())

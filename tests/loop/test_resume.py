@@ -73,7 +73,7 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("stop", [3, 10, 13, 15])
 def test_stop_and_resume_is_bit_identical(tmp_path, straight, stop):
     _fit(tmp_path, "run", max_steps=stop)
-    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith(f"step={stop:09d}")
+    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith(f"step={stop:09d}.ckpt")
     model, result = _fit(tmp_path, "run", max_steps=TOTAL_STEPS, ckpt_path="last")
     assert result.global_step == TOTAL_STEPS
     _assert_identical(straight[0], model)
@@ -85,14 +85,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path, straight):
     with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path, "run", max_steps=TOTAL_STEPS, callbacks=[Crash(17)])
     # the step-17 boundary was never reached: the newest committed checkpoint is step 16
-    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith("step=000000016")
+    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith("step=000000016.ckpt")
     model, _ = _fit(tmp_path, "run", max_steps=TOTAL_STEPS, ckpt_path="last")
     _assert_identical(straight[0], model)
 
 
 def test_resume_from_epoch_end_checkpoint(tmp_path, straight):
     _fit(tmp_path, "run", max_steps=12, every=None)  # saves at the epoch-end boundary only
-    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith("step=000000010-epoch_end")
+    assert ckpt_io.latest_committed(_cfg(tmp_path)).endswith("step=000000010-epoch_end.ckpt")
     model, _ = _fit(tmp_path, "run", max_steps=TOTAL_STEPS, ckpt_path=ckpt_io.list_committed(_cfg(tmp_path))[-1])
     _assert_identical(straight[0], model)
 

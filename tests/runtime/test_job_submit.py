@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from raytrainer.checkpoint import store as ckpt_io
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -183,7 +185,7 @@ def test_ray_job_submit_raytrainer_fit_digits(ray_head, tmp_path):
     assert "launcher=ray workers=2" in logs.stdout, logs.stdout[-5000:]
     assert "[raytrainer] fit finished: epochs=2" in logs.stdout, logs.stdout[-5000:]
     run_dir = storage / "digits"
-    committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step=*/COMMIT.json"))
+    committed = [p.name for p in ckpt_io.list_committed(str(run_dir / "checkpoints"))]
     assert committed, sorted(str(p) for p in run_dir.rglob("*"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_epochs"] == 2 and saved["trainer"]["storage_path"] == str(storage)

@@ -56,7 +56,7 @@ def test_signal_commits_a_checkpoint_at_the_next_step_and_resume_is_exact(tmp_pa
     # mid-epoch (10 batches per epoch), committed and the newest: what ckpt_path="last" finds
     cfg = TrainerConfig(storage_path=str(tmp_path / "run"), name="run", launcher="local")
     assert err.checkpoint == ckpt_io.latest_committed(cfg)
-    assert err.checkpoint.endswith("step=000000007")
+    assert err.checkpoint.endswith("step=000000007.ckpt")
     assert ckpt_io.load(err.checkpoint)["loops"]["batches_done"] == 7
     assert "ckpt_path='last'" in str(err)
     resumed, trainer = _fit(tmp_path / "run", 23, ckpt_path="last")
@@ -118,7 +118,7 @@ def test_sigterm_to_the_script_then_the_same_command_resumes_exactly(tmp_path):
     stopped_at = int(progress.read_text().split()[-1])
     assert 9 <= stopped_at < 30 and not weights.exists()
     cfg = TrainerConfig(storage_path=str(tmp_path / "runs"), name="run", launcher="local")
-    assert ckpt_io.latest_committed(cfg).endswith(f"step={stopped_at:09d}")
+    assert ckpt_io.latest_committed(cfg).endswith(f"step={stopped_at:09d}.ckpt")
 
     code, out, weights, progress = _run_job(tmp_path, "run", 30)  # the very same command
     assert code == 0, out
@@ -164,7 +164,7 @@ def test_sigterm_to_a_worker_without_restarts_then_ctrl_c_to_the_driver_then_res
     assert code == 143, out
     assert "training stopped on SIGTERM" in out and "Traceback" not in out, out
     first_stop = int(progress.read_text().split()[-1])
-    assert ckpt_io.latest_committed(cfg).endswith(f"step={first_stop:09d}") and first_stop < 40
+    assert ckpt_io.latest_committed(cfg).endswith(f"step={first_stop:09d}.ckpt") and first_stop < 40
 
     code, out, weights, progress = _run_job(tmp_path, "run", 48, first_stop + 6, "ray", "2", signum=signal.SIGINT)
     assert code == 130, out
@@ -173,10 +173,10 @@ def test_sigterm_to_a_worker_without_restarts_then_ctrl_c_to_the_driver_then_res
     assert steps[0] == first_stop + 1  # resumed where the worker's SIGTERM stopped it
     committed = ckpt_io.latest_committed(cfg)
     stopped_at = ckpt_io.load(committed)["global_step"]
-    # ranks agree every log_every_n_steps (2) steps; both workers' RNG files are in it
+    # ranks agree every log_every_n_steps (2) steps; both workers' RNG states are in it
     assert stopped_at % 2 == 0 and first_stop + 6 <= stopped_at < 48, out
     assert steps[-1] == stopped_at  # no step after the agreed one
-    assert {p.name for p in Path(committed).iterdir()} >= {"rank-00000.pt", "rank-00001.pt"}
+    assert sorted(ckpt_io.load(committed)["rank_states"]) == [0, 1]
 
     code, out, weights, progress = _run_job(tmp_path, "run", 48, None, "ray", "2")
     assert code == 0, out

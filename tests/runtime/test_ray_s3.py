@@ -8,6 +8,8 @@ import sys
 import pytest
 from helpers import TESTS_DIR
 
+import raytrainer as rt
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 HERE = str(TESTS_DIR)
 
@@ -25,13 +27,13 @@ def test_ray_fit_and_sweep_store_everything_in_the_bucket(s3_env, s3_server):
     objects = s3_server.all_objects(bucket)
     assert out["fit_step"] == 8 and out["fit_last"].startswith(f"{s3_env}/ray-fit/checkpoints/step=")
     last = out["fit_last"][len(f"s3://{bucket}/"):]
-    for name in ("model.pt", "state.pt", "rank-00000.pt", "rank-00001.pt", "COMMIT.json"):
-        assert f"{last}/{name}" in objects           # both ranks' state, committed, in the bucket
+    assert last.endswith(".ckpt") and last in objects  # one file, committed, in the bucket...
+    assert sorted(rt.load_checkpoint(out["fit_last"])["rank_states"]) == [0, 1]  # ...with both ranks' state
     assert any(k.startswith(f"{prefix}/ray-fit/tensorboard/events.out.tfevents") for k in objects)
     assert [s for s, _ in out["trials"]] == ["completed", "completed"]
     for _, ckpt in out["trials"]:
         assert ckpt.startswith(f"{s3_env}/sweep/trial_")
-        assert f"{ckpt[len(f's3://{bucket}/'):]}/COMMIT.json" in objects
+        assert ckpt[len(f's3://{bucket}/'):] in objects and ckpt.endswith(".ckpt")
     assert any(k.startswith(f"{prefix}/sweep/_tune/") for k in objects)  # Tune's state too
     for key, blob in objects.items():                # and no credential anywhere
         assert SECRET_ACCESS_KEY.encode() not in blob and ACCESS_KEY_ID.encode() not in blob, key

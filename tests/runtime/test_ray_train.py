@@ -181,8 +181,7 @@ def test_ddp_two_workers_disjoint_shards_synced_metrics_weights_and_profile(ray_
     assert logger.log_dir == str(tmp_path / "logs" / "csv" / "version_1")
     assert sorted(os.listdir(tmp_path / "logs" / "csv")) == ["version_0", "version_1"]
     assert (tmp_path / "logs" / "csv" / "version_1" / "metrics.csv").exists()
-    marker = json.loads((tmp_path / "ray" / "checkpoints" / os.path.basename(result.last_checkpoint)
-                         / "COMMIT.json").read_text())
+    marker = rt.checkpoint.read_marker(result.last_checkpoint)
     assert marker["logger_versions"] == [{"logger": "CSVLogger", "name": "csv", "version": 1}]
     # Lightning's hooks ran on both workers: the warm-up, every batch through the transfer hook
     # (4 training, 2 sanity-check and this rank's validation batches), configure_model once
