@@ -115,7 +115,7 @@ def node_drainer(cluster, marker_dir, run_dir, stop):
     assert accepted, why
     deadline = time.time() + 60
     while time.time() < deadline and not stop.is_set():
-        mid_epoch = [u for u in ckpt_io.list_committed(os.path.join(run_dir, "checkpoints")) if not u.endswith("epoch_end")]
+        mid_epoch = [u for u in ckpt_io.list_committed(os.path.join(run_dir, "checkpoints")) if "-epoch_end" not in u]
         if mid_epoch:
             with open(os.path.join(marker_dir, "jit-checkpoint"), "w") as f:
                 f.write(mid_epoch[-1])

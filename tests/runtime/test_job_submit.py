@@ -185,7 +185,7 @@ def test_ray_job_submit_raytrainer_fit_digits(ray_head, tmp_path):
     assert "launcher=ray workers=2" in logs.stdout, logs.stdout[-5000:]
     assert "[raytrainer] fit finished: epochs=2" in logs.stdout, logs.stdout[-5000:]
     run_dir = storage / "digits"
-    committed = [p.name for p in ckpt_io.list_committed(str(run_dir / "checkpoints"))]
+    committed = [u.rsplit("/", 1)[1] for u in ckpt_io.list_committed(str(run_dir / "checkpoints"))]
     assert committed, sorted(str(p) for p in run_dir.rglob("*"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_epochs"] == 2 and saved["trainer"]["storage_path"] == str(storage)
