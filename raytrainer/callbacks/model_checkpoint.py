@@ -6,6 +6,12 @@ after each validation (every ``every_n_epochs`` epochs) — or at the epoch's en
 validation or ``save_on_train_epoch_end=True``. Which to keep: the ``save_top_k`` best by
 ``monitor`` (a pure policy, ``topk_decision``), plus the newest as ``last`` with ``save_last``.
 Files are deleted only after the new checkpoint is committed.
+
+Where: the run's own ``checkpoints/step=....ckpt`` files, which resume reads. With ``dirpath`` or
+``filename`` (or ``save_weights_only``), each kept checkpoint is also published under the name
+Lightning would give it, ``{dirpath}/{filename}.ckpt`` (``epoch=1-val_loss=0.12.ckpt``,
+``last.ckpt``, ``-v1`` for a name taken), and ``best_model_path`` / ``last_model_path`` /
+``best_k_models`` are those names (checkpoint/named.py: a hard link or a server-side copy).
 """
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ import math
 import time
 from typing import Any
 
+from raytrainer import storage
 from raytrainer.callbacks.base import Callback
+from raytrainer.checkpoint import named, store
 from raytrainer.checkpoint.format import checkpoints_root
-from raytrainer.checkpoint import store
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +58,17 @@ def _worst(best_k: dict[str, float], mode: str) -> str:
 class ModelCheckpoint(Callback):
     monitors_metrics = True  # after the module at a training epoch's end (Lightning)
 
-    def __init__(self, monitor: str | None = None, mode: str = "min", save_top_k: int = 1,
-                 save_last: bool | None = None, every_n_train_steps: int | None = None,
-                 every_n_epochs: int | None = None, train_time_interval: Any = None,
-                 save_on_train_epoch_end: bool | None = None, verbose: bool = False):
+    def __init__(self, dirpath: str | None = None, filename: str | None = None, monitor: str | None = None,
+                 verbose: bool = False, save_last: bool | str | None = None, save_top_k: int = 1,
+                 save_weights_only: bool = False, mode: str = "min", auto_insert_metric_name: bool = True,
+                 every_n_train_steps: int | None = None, train_time_interval: Any = None,
+                 every_n_epochs: int | None = None, save_on_train_epoch_end: bool | None = None,
+                 enable_version_counter: bool = True):
+        if save_last not in (None, True, False, "link"):
+            raise ValueError(f"ModelCheckpoint(save_last={save_last!r}) is invalid: expected True, False or 'link'")
+        if filename is not None and (not isinstance(filename, str) or not filename or "/" in filename):
+            raise ValueError(f"ModelCheckpoint(filename={filename!r}) is invalid: a file name template without "
+                             "folders, e.g. '{epoch}-{val_loss:.2f}' (put folders in dirpath=)")
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint(mode={mode!r}) is invalid: expected 'min' or 'max'")
         if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
@@ -76,7 +90,13 @@ class ModelCheckpoint(Callback):
         if sum(x is not None for x in (every_n_train_steps, every_n_epochs, train_time_interval)) > 1:
             raise ValueError("ModelCheckpoint: every_n_train_steps, every_n_epochs and train_time_interval "
                              "are mutually exclusive; set one")
-        self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
+        self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
+        self.save_last = bool(save_last)  # "link": every named file is a link already (named.py)
+        self.dirpath = storage.normalize(str(dirpath)) if dirpath is not None else None
+        self.filename, self.auto_insert_metric_name = filename, auto_insert_metric_name
+        self.save_weights_only, self.enable_version_counter = save_weights_only, enable_version_counter
+        self._named = dirpath is not None or filename is not None or save_weights_only
+        self._sources: dict[str, str] = {}  # named file -> the run's checkpoint it was published from
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs or 1
         self.train_time_interval = train_time_interval
@@ -97,13 +117,15 @@ class ModelCheckpoint(Callback):
 
     def state_dict(self) -> dict:
         return {"best_k_models": dict(self.best_k_models), "best_model_path": self.best_model_path,
-                "best_model_score": self.best_model_score, "last_model_path": self.last_model_path}
+                "best_model_score": self.best_model_score, "last_model_path": self.last_model_path,
+                "dirpath": self.dirpath, "sources": dict(self._sources)}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_k_models = dict(state.get("best_k_models", {}))
         self.best_model_path = state.get("best_model_path", "")
         self.best_model_score = state.get("best_model_score")
         self.last_model_path = state.get("last_model_path", "")
+        self._sources = dict(state.get("sources", {}))
 
     # ------------------------------------------------------------------ when
     def _saves_on_epoch_end(self, trainer) -> bool:
@@ -165,51 +187,103 @@ class ModelCheckpoint(Callback):
 
     def _commit(self, trainer, keep: bool, score: float | None, evict: list[str] = ()) -> None:
         uri = trainer.boundary_checkpoint_path
-        evict = [p for p in evict if p != uri]
+        # The name a kept checkpoint may take over (Lightning's): the one it evicts, or without a
+        # monitor the previous best.
+        reuse = (evict[0] if evict else None) if self.monitor else (self.best_model_path or None)
+        kept_as, last_as = self._names_for(trainer, keep, reuse) if self._named else (uri, uri)
+        evict = [p for p in evict if p != kept_as]
         # Update the bookkeeping first so the checkpoint's own copy of this callback's state
         # already lists it (after a resume it can then be ranked and evicted like any other).
         if keep:
-            self.best_k_models[uri] = score if score is not None else float("nan")
+            self.best_k_models[kept_as] = score if score is not None else float("nan")
             for path in evict:
                 self.best_k_models.pop(path, None)
             if score is not None:
                 best = min if self.mode == "min" else max
                 finite = {p: s for p, s in self.best_k_models.items() if not math.isnan(s)}
-                self.best_model_path = best(finite, key=finite.get) if finite else uri
+                self.best_model_path = best(finite, key=finite.get) if finite else kept_as
                 self.best_model_score = self.best_k_models[self.best_model_path]
             else:
-                self.best_model_path = uri
+                self.best_model_path = kept_as
         previous_last = self.last_model_path
         if self.save_last:
-            self.last_model_path = uri
-        stale = set(evict) | ({previous_last} if previous_last and previous_last != uri else set())
-        # Older checkpoints are deleted only once the new one is committed (maybe in background).
-        trainer.save_checkpoint(after_commit=[lambda: self._delete_unreferenced(trainer, stale)], wait=False)
+            self.last_model_path = last_as
+        stale = set(evict) | ({previous_last} if previous_last and previous_last != last_as else set())
+        published = [p for p in {kept_as if keep else None, last_as if self.save_last else None} if p and p != uri]
+        replaced = {self._sources[p] for p in published if p in self._sources}  # e.g. last.ckpt's old source
+        self._sources.update({p: uri for p in published})
+        # Decided here, on the training thread; named files appear, and older checkpoints are
+        # deleted, only once the new one is committed (maybe in the background).
+        doomed = self._unreferenced(trainer, stale | replaced)
+        trainer.save_checkpoint(after_commit=[lambda: self._publish(trainer, uri, published),
+                                              lambda: self._delete(trainer, doomed)], wait=False)
         self._last_save_time = time.monotonic()
         if self.verbose and trainer.is_global_zero:
-            log.info("checkpoint %s%s", uri, f" ({self.monitor}={score:.6g})" if score is not None else "")
+            log.info("checkpoint %s%s", kept_as if keep else last_as,
+                     f" ({self.monitor}={score:.6g})" if score is not None else "")
+
+    def _names_for(self, trainer, keep: bool, reuse: str | None) -> tuple[str | None, str | None]:
+        """The named files of this boundary (Lightning's names), the same on every rank (rank 0's)."""
+        metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        dirpath = self.dirpath or checkpoints_root(trainer.cfg)
+        taken = set(self.best_k_models) | {self.last_model_path} | set(self._sources)
+        options = trainer.cfg.storage_options
+
+        def free(name: str, reuse: str | None = None) -> str:
+            if not self.enable_version_counter:
+                return named.path_for(dirpath, name)
+            return named.free_path(dirpath, name, taken - {reuse}, options, reuse)
+        kept_as = free(named.format_name(self.filename, metrics, self.auto_insert_metric_name), reuse) if keep else None
+        if kept_as:
+            taken.add(kept_as)
+        last_as = free(named.format_name(named.LAST, metrics, self.auto_insert_metric_name),
+                       reuse=self.last_model_path or None) if self.save_last else None
+        return trainer.strategy.broadcast((kept_as, last_as))
+
+    def _publish(self, trainer, source: str, paths: list[str]) -> None:
+        if trainer.is_global_zero:
+            for path in paths:
+                named.publish(source, path, trainer.cfg.storage_options, self.save_weights_only)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Forget checkpoints of other runs: a fit resumed from another run's checkpoint (a PBT
         exploit, ``ckpt_path=`` elsewhere) restores that run's bookkeeping, and its files are
         not this run's to rank or delete."""
-        root = checkpoints_root(trainer.cfg) + "/"
-        self.best_k_models = {p: v for p, v in self.best_k_models.items() if p.startswith(root)}
-        if self.last_model_path and not self.last_model_path.startswith(root):
+        ours = self._owns(trainer)
+        self.best_k_models = {p: v for p, v in self.best_k_models.items() if ours(p)}
+        self._sources = {p: s for p, s in self._sources.items() if ours(p) and ours(s)}
+        if self.last_model_path and not ours(self.last_model_path):
             self.last_model_path = ""
-        if self.best_model_path and not self.best_model_path.startswith(root):
+        if self.best_model_path and not ours(self.best_model_path):
             finite = {p: v for p, v in self.best_k_models.items() if not math.isnan(v)}
             pick = min if self.mode == "min" else max
             self.best_model_path = pick(finite, key=finite.get) if finite else ""
             self.best_model_score = finite.get(self.best_model_path)
 
-    def _delete_unreferenced(self, trainer, candidates: set[str]) -> None:
-        if not trainer.is_global_zero:
-            return
-        root = checkpoints_root(trainer.cfg) + "/"
-        candidates = {p for p in candidates if p.startswith(root)}  # never another run's files
+    def _owns(self, trainer):
+        roots = [checkpoints_root(trainer.cfg) + "/"] + ([self.dirpath.rstrip("/") + "/"] if self.dirpath else [])
+        return lambda path: any(path.startswith(root) for root in roots)
+
+    def _unreferenced(self, trainer, candidates: set[str]) -> list[tuple[str, bool]]:
+        """Which of ``candidates`` no checkpoint callback refers to any more, as ``(path, is a
+        named file)``: named files, and the run's checkpoints no kept name was published from."""
+        ours = self._owns(trainer)
         referenced = {trainer.boundary_checkpoint_path}
         for cb in trainer.checkpoint_callbacks:
-            referenced |= set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}
-        for path in candidates - referenced:
-            store.delete(path, trainer.cfg.storage_options)
+            names = set(cb.best_k_models) | {cb.last_model_path, cb.best_model_path}
+            referenced |= names | {cb._sources[p] for p in names if p in cb._sources}
+        doomed = []
+        for path in sorted(p for p in candidates - referenced if ours(p)):  # never another run's files
+            if path in self._sources:  # a named file; the checkpoint it came from may go too
+                source = self._sources.pop(path)
+                doomed.append((path, True))
+                if source not in referenced and source not in self._sources.values():
+                    doomed.append((source, False))
+            elif path not in self._sources.values():
+                doomed.append((path, False))
+        return doomed
+
+    def _delete(self, trainer, doomed: list[tuple[str, bool]]) -> None:
+        if trainer.is_global_zero:
+            for path, is_named in doomed:
+                (named.delete if is_named else store.delete)(path, trainer.cfg.storage_options)
