@@ -276,3 +276,18 @@ def test_storage_options_credentials_reach_the_loggers(s3_env, s3_server, monkey
     objects = _objects(s3_server, f"{s3_env}/run")
     assert "csv/metrics.csv" in objects and any("tfevents" in k for k in objects)
     _assert_no_secret(objects)
+
+
+def test_named_checkpoints_on_s3_are_server_side_copies_of_sealed_files(s3_env, s3_server):
+    """ModelCheckpoint(dirpath=s3://..., filename=...): the kept files appear under Lightning's
+    names in the bucket, each the committed checkpoint's sealed bytes; evicted names go."""
+    named_dir = f"{s3_env}/named"
+    ckpt = rt.callbacks.ModelCheckpoint(dirpath=named_dir, filename="{epoch}-{val_loss:.3f}", monitor="val_loss",
+                                        save_top_k=1, save_last=True)
+    _, result, _ = _fit(s3_env, max_epochs=3, callbacks=[ckpt], logger=False)
+    objects = _objects(s3_server, named_dir)
+    best = ckpt.best_model_path.rsplit("/", 1)[1]
+    assert sorted(objects) == sorted({best, "last.ckpt"}) and best.startswith("epoch=")
+    last_run_file = _objects(s3_server, f"{s3_env}/run/checkpoints")[result.checkpoints[-1].rsplit("/", 1)[1]]
+    assert objects["last.ckpt"] == last_run_file  # the same sealed bytes
+    assert sealed.verify(objects[best], best)["global_step"] == rt.load_checkpoint(ckpt.best_model_path)["global_step"]
