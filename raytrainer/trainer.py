@@ -397,6 +397,12 @@ class Trainer:
         return dict(self._run.metrics.logged_metrics) if self._run is not None else {}
 
     @property
+    def progress_sink(self):
+        """raytrainer's: where the progress bar sends its state when the driver draws it (a Ray
+        fit's rank 0); None: it draws in this process."""
+        return self._run.ctx.progress_sink if self._run is not None else None
+
+    @property
     def progress_bar_metrics(self) -> dict[str, float]:
         return self._run.metrics.progress_bar_metrics() if self._run is not None else {}
 

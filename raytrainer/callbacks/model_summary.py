@@ -93,4 +93,7 @@ class ModelSummary(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.summary = summarize(pl_module, self.max_depth, trainer.precision)
-        log.info("\n%s", self.summary.table())
+        if trainer.progress_sink is not None:  # a Ray worker: the driver logs it, where the user looks
+            trainer.progress_sink({"log": "\n" + self.summary.table(), "logger": log.name})
+        else:
+            log.info("\n%s", self.summary.table())

@@ -7,19 +7,30 @@ Where the bar goes (chosen when each epoch starts, from where this process write
 - a Jupyter kernel: tqdm's widget when ipywidgets is installed, else tqdm's text bar, whose
   carriage-return redraws the notebook renders in place;
 - a terminal: tqdm's text bar;
-- anything else (a Ray worker, whose output is a log file that Ray forwards to the driver line by
-  line; a redirected file): whole lines, one every ``line_every_s`` seconds and one when the epoch
-  ends. A redrawn bar there would reach the driver as fragments of redraws, one per read of the
-  log, each behind the worker's prefix.
+- anything else (CI, a redirected file, ``ray job submit``'s log): whole lines, one every
+  ``line_every_s`` seconds and one when the epoch ends.
+
+On Ray workers (``launcher="ray"``) rank 0 draws nothing: it sends the bar's state to the driver
+(``trainer.progress_sink``: a fire-and-forget call to the fit's mailbox, at most every
+``SEND_EVERY_S`` and at the epoch's end, never waiting on it), and the driver's ProgressBar draws it
+there (``follow``), by the rules above: one live bar where the user looks, instead of a worker's
+log lines behind Ray's ``(RayTrainWorker pid=...)`` prefix.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import sys
+import threading
 import time
 
 from raytrainer.callbacks.base import Callback
+
+
+SEND_EVERY_S = 0.25  # a worker's updates to the driver's bar, at most this often
+DRAW_EVERY_S = 0.2   # how often the driver looks for them
 
 
 class ProgressBar(Callback):
@@ -44,13 +55,44 @@ class ProgressBar(Callback):
         n = trainer.num_training_batches
         total = None if math.isinf(n) else int(n)
         desc = f"Epoch {trainer.current_epoch}"
+        sink = trainer.progress_sink
+        if sink is not None:  # drawn by the driver (see the module docstring)
+            self._bar = _SentBar(sink, total=total, initial=initial, desc=desc)
+        else:
+            self._bar = self._local_bar(total, initial, desc)
+        self._shown_step = trainer.global_step
+
+    def _local_bar(self, total: int | None, initial: int, desc: str):
         bar_class = _bar_class(sys.stderr)
         if bar_class is None:
-            self._bar = _LineBar(total=total, initial=initial, desc=desc, file=sys.stderr, every_s=self.line_every_s)
-        else:
-            self._bar = bar_class(total=total, initial=initial, desc=desc, leave=self.leave, file=sys.stderr,
-                                  dynamic_ncols=True, mininterval=0.2)
-        self._shown_step = trainer.global_step
+            return _LineBar(total=total, initial=initial, desc=desc, file=sys.stderr, every_s=self.line_every_s)
+        return bar_class(total=total, initial=initial, desc=desc, leave=self.leave, file=sys.stderr,
+                         dynamic_ncols=True, mininterval=0.2)
+
+    @contextlib.contextmanager
+    def follow(self, take):
+        """On the driver of a Ray fit, while it runs: draw the bars rank 0 sends. ``take()``
+        returns the states that arrived since the last call, oldest first (each a dict: ``desc``,
+        ``total``, ``initial``, ``n``, ``postfix``, ``closed``)."""
+        stop = threading.Event()
+        drawer = _DriverBars(self)
+
+        def poll() -> None:
+            while not stop.wait(DRAW_EVERY_S):
+                try:
+                    drawer.draw(take())
+                except Exception:  # the bar never takes the fit down (a mailbox gone at the end)
+                    return
+        thread = threading.Thread(target=poll, name="raytrainer-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            with contextlib.suppress(Exception):
+                drawer.draw(take())  # what arrived after the last poll: the last epoch's end
+            drawer.close()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:
@@ -153,6 +195,66 @@ class _LineBar:
                                  postfix=self.postfix or None, initial=self.initial, ascii=True)
         self.file.write(line + "\n")
         self.file.flush()
+
+
+class _SentBar:
+    """On a Ray worker: the bar's state sent to the driver instead of drawn (see the module
+    docstring); the part of tqdm's interface the callback uses."""
+
+    def __init__(self, sink, total: int | None, initial: int, desc: str):
+        self.sink, self.n = sink, initial
+        self.state = {"desc": desc, "total": total, "initial": initial, "n": initial, "postfix": {}, "closed": False}
+        self.start = time.monotonic()
+        self.sent = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._send(force=False)
+
+    def set_postfix(self, ordered_dict: dict, refresh: bool = False) -> None:
+        self.state["postfix"] = dict(ordered_dict)
+
+    def close(self) -> None:
+        self.state["closed"] = True
+        self._send(force=True)
+
+    def _send(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self.sent >= SEND_EVERY_S:
+            self.sent = now
+            self.sink({**self.state, "n": self.n, "elapsed": now - self.start})
+
+
+class _DriverBars:
+    """The driver's side of ``_SentBar``: one local bar per epoch, moved to each state received."""
+
+    def __init__(self, callback: ProgressBar):
+        self.callback, self.bar, self.desc = callback, None, None
+
+    def draw(self, states: list[dict]) -> None:
+        for state in states:
+            if "log" in state:  # a notice of rank 0's (the model summary), logged here
+                logging.getLogger(state["logger"]).info("%s", state["log"])
+                continue
+            if self.bar is None or state["desc"] != self.desc:
+                self.close()
+                self.bar, self.desc = self.callback._local_bar(state["total"], state["initial"], state["desc"]), \
+                    state["desc"]
+            # the rate is the worker's: its time, not when the state arrived here
+            if isinstance(self.bar, _LineBar):
+                self.bar.start = time.monotonic() - state["elapsed"]
+            else:
+                self.bar.start_t = self.bar._time() - state["elapsed"]
+            if state["n"] > self.bar.n:
+                self.bar.update(state["n"] - self.bar.n)
+            self.bar.set_postfix(state["postfix"], refresh=False)
+            if state["closed"]:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = self.desc = None
 
 
 def _fmt(metrics: dict[str, float]) -> dict[str, str]:

@@ -25,6 +25,9 @@ class RunContext(ABC):
     local_rank: int
     node_rank: int
     device: torch.device
+    # Where rank 0's progress bar sends its state when another process draws it (the driver of a
+    # Ray fit: callbacks/progress.py); None: it draws here.
+    progress_sink = None
 
     @abstractmethod
     def barrier(self) -> None: ...

@@ -29,6 +29,7 @@ class Mailbox:
     def __init__(self):
         self.items: dict[str, dict[str, Any]] = {}
         self._stops: dict[str, asyncio.Event] = {}  # made on first use, in the actor's event loop
+        self._progress: dict[str, collections.deque] = {}
         # Fits that ended: a dying worker's late call must not open their channel again (a leak
         # per fit in a long-lived process). Bounded: only calls racing a fit's end need it.
         self._closed: collections.deque[str] = collections.deque(maxlen=256)
@@ -57,6 +58,21 @@ class Mailbox:
             return None
         return self.items.get(token, {}).get("stop")
 
+    async def progress(self, token: str, state: dict) -> None:
+        """Rank 0's progress bar states and notices (callbacks/progress.py); kept until the driver
+        takes them."""
+        if token not in self._closed:
+            self._progress.setdefault(token, collections.deque(maxlen=256)).append(state)
+
+    async def take_progress(self, token: str) -> list[dict]:
+        """The states sent since the last call, oldest first (at most a few a second; bounded
+        for a driver that stopped looking)."""
+        states = self._progress.get(token)
+        taken = list(states or ())
+        if states:
+            states.clear()
+        return taken
+
     async def drop_errors(self, token: str) -> None:
         """A restarted worker group starts clean: the failure that ends the fit is its own."""
         channel = self.items.get(token, {})
@@ -74,6 +90,7 @@ class Mailbox:
         """Everything the fit left, and the channel gone."""
         self._closed.append(token)
         self._stops.pop(token, None)
+        self._progress.pop(token, None)
         return self.items.pop(token, {})
 
 
@@ -94,6 +111,13 @@ class FitMailbox:
 
     def drop_errors(self):
         return self.actor.drop_errors.remote(self.token)
+
+    def send_progress(self, state: dict) -> None:
+        """Fire and forget: the step never waits for the driver's bar."""
+        self.actor.progress.remote(self.token, state)
+
+    def take_progress(self):
+        return self.actor.take_progress.remote(self.token)
 
     def get_all(self):
         return self.actor.get_all.remote(self.token)

@@ -7,6 +7,7 @@ type. Which Ray, and with which settings: runtime/cluster.py.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,6 +17,7 @@ import threading
 import uuid
 
 from raytrainer import storage
+from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.errors import ConfigError
 from raytrainer.loop.execute import execute
 from raytrainer.loop.preemption import StopFlag
@@ -44,6 +46,8 @@ def _train_fn(config: dict) -> None:
                           report_queue=job.get("report_queue"))
     if ctx.global_rank == 0:
         ray.get(mailbox.drop_errors())
+        if job.get("driver_draws_bar"):
+            ctx.progress_sink = mailbox.send_progress
     sigterm = worker_sigterm() if stage == "fit" else None
     if sigterm is not None:
         sigterm.driver_alive = functools.partial(_alive, mailbox)
@@ -140,9 +144,13 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
                                  f"resources_per_worker={per_worker} ray_poll_s="
                                  f"{wanted['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
     fit_token = uuid.uuid4().hex
+    # The progress bar is drawn here, where the user looks (callbacks/progress.py); in a sweep
+    # trial nobody looks at this process: the worker writes its lines to the trial's log.
+    bar = next((cb for cb in trainer.callbacks if isinstance(cb, ProgressBar)), None) \
+        if stage == "fit" and report_queue is None else None
     job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
            "resume_uri": resume_uri, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token,
-           "report_queue": report_queue}
+           "report_queue": report_queue, "driver_draws_bar": bar is not None}
     mailbox = open_mailbox(fit_token)
     ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
     # Workers import the driver's modules (scripts, tests, notebooks) from the driver's path (on
@@ -185,8 +193,10 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
         # during the call, and is taken away after it: Ray leaves it installed, and the user's
         # next Ctrl-C (after a trainer.test(), say) would "abort" a finished run instead of
         # raising KeyboardInterrupt.
+        drawing = bar.follow(lambda: ray.get(mailbox.take_progress())) if bar is not None \
+            else contextlib.nullcontext()
         with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else \
-                handlers_restored(signal.SIGINT), environment(settings):
+                handlers_restored(signal.SIGINT), environment(settings), drawing:
             torch_trainer.fit()
     except Exception:
         errors = ray.get(mailbox.get_all())

@@ -1,5 +1,5 @@
-"""ProgressBar: which bar it draws where (terminal, Jupyter kernel, log file / Ray worker), and
-the whole lines it writes where a redrawn bar would arrive as fragments."""
+"""ProgressBar: which bar it draws where (terminal, Jupyter kernel, log file), the whole lines it
+writes where a redrawn bar would arrive as fragments, and a Ray worker's bar drawn by the driver."""
 from __future__ import annotations
 
 import io
@@ -97,3 +97,45 @@ def test_line_bar_prints_every_interval_and_at_close():
     assert len(lines) == 2
     assert lines[0].startswith("Epoch 1:  30%|###       | 3/10 [")
     assert lines[1].startswith("Epoch 1:  40%|####      | 4/10 [") and lines[1].endswith("loss=0.5]")
+
+
+def test_a_worker_sends_its_bar_and_summary_and_the_driver_draws_them_as_a_local_fit_would(tmp_path, capsys):
+    """A Ray worker's rank 0 (here an in-process run whose context has a progress sink, as
+    runtime/ray_train.py gives rank 0) draws nothing and sends its bar's states and the model
+    summary; the driver's ProgressBar (``follow``) draws them: with stderr not a terminal, the
+    same whole lines per epoch as a local fit, at the worker's rate, the summary logged."""
+    import time
+
+    import torch
+
+    from raytrainer.loop.context import LocalContext
+    from raytrainer.loop.execute import execute
+
+    class Slow(_ShownLosses):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.02)
+            return super().training_step(batch, batch_idx)
+
+    sent = []
+    ctx = LocalContext(torch.device("cpu"))
+    ctx.progress_sink = sent.append
+    trainer = rt.Trainer(launcher="local", accelerator="cpu", max_epochs=2, logger=False, enable_model_summary=True,
+                         enable_checkpointing=False, storage_path=str(tmp_path), name="bar", log_every_n_steps=1)
+    execute(trainer, "fit", Slow(), None, {"train": loader(n=12, batch_size=4), "val": loader(n=4)}, None, ctx)
+    assert capsys.readouterr().err == ""  # the worker drew nothing
+    assert sent[0]["logger"] == "raytrainer.summary" and "Trainable params" in sent[0]["log"]
+    assert [(s["desc"], s["n"]) for s in sent if s.get("closed")] == [("Epoch 0", 3), ("Epoch 1", 3)]
+
+    pending = list(sent)
+    driver_bar = progress.ProgressBar()
+    with driver_bar.follow(lambda: [pending.pop(0) for _ in range(len(pending))]):
+        pass  # the fit ran on the workers; what they sent is drawn when it arrives (here: at the end)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("Epoch ")]
+    assert [ln[:len("Epoch 0: 100%|##########| 3/3 [")] for ln in lines] == [
+        f"Epoch {e}: 100%|##########| 3/3 [" for e in (0, 1)]
+    for line in lines:  # the worker's rate (3 steps of >= 20 ms), not how fast the states arrived
+        rate = float(line.split("it/s")[0].rsplit(", ", 1)[1])
+        assert rate < 60, line
+        assert "train_loss=" in line and "val_loss=" in line
