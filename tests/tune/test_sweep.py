@@ -83,12 +83,16 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path,
         assert t.history_iterations[-1] == t.iterations == (9 if at_end else 8), (t.restores, t.history_iterations)
         if not any(e is t for e, _ in exploits):
             # Never exploited; Tune may still pause it and restore it from its own newest
-            # checkpoint (PBT's timing on 2 CPUs decides): its curve then holds the iterations
-            # after that checkpoint's, without a gap or a repeat (restored from its final
-            # checkpoint, it reports that result once more: iteration 9, as above).
+            # checkpoint (PBT's timing on 2 CPUs decides): its curve then holds every iteration
+            # after that checkpoint's, none twice (restored from its final checkpoint, it reports
+            # that result once more: iteration 9, as above). What Tune keeps of the curve before
+            # the pause depends on that timing too (seen: all of it; none; all but the result it
+            # paused on).
             own = [uri for uri in t.restores if f"/trial_{t.trial_id}/" in uri]
             first = 1 + (rt.load_checkpoint(own[-1])["global_step"] // (last_step // 8) if own else 0)
-            assert t.history_iterations == list(range(first, t.iterations + 1)), (t.restores, t.history_iterations)
+            its = t.history_iterations
+            assert its == sorted(set(its)) and its[-1] == t.iterations, (t.restores, its)
+            assert set(range(first, t.iterations + 1)) <= set(its), (t.restores, its)
     # quiet: no log line of Tune's about its restores (nor anything else) reaches the user
     printed = capfd.readouterr()
     assert not re.search(r"\b(WARNING|ERROR)\b", printed.out + printed.err), printed
