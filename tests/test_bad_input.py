@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import raytrainer as rt
-from raytrainer.checkpoint import store as ckpt_io
 from raytrainer.cli import main as cli
 
 from helpers import LinearModel, loader

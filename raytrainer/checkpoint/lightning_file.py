@@ -13,17 +13,15 @@ state at that moment.
 from __future__ import annotations
 
 import io
-import uuid
-import warnings
 from typing import Any, Mapping
 
 import torch
 
 from raytrainer import storage
 from raytrainer.checkpoint import sealed
-from raytrainer.checkpoint.format import COMMIT_FILE, read_marker
+from raytrainer.checkpoint.format import COMMIT_FILE, read_marker, serialize
 from raytrainer.checkpoint.layout import lightning_dict, resumable_state
-from raytrainer.checkpoint.store import latest_committed
+from raytrainer.checkpoint.store import latest_committed, write_atomically
 from raytrainer.checkpoint.store import load as load_committed
 from raytrainer.errors import CheckpointError
 
@@ -77,18 +75,8 @@ def _mapped(state: dict, map_location: Any) -> dict:
 
 def write_ckpt(path: str, checkpoint: dict, storage_options: Mapping | None = None) -> str:
     """Write ``checkpoint`` to the file ``path``, atomically; returns ``path``."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
     fs, fs_path = storage.filesystem(str(path), storage_options)
-    parent = fs_path.rsplit("/", 1)[0] if "/" in fs_path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if storage.is_remote(str(path)):
-        fs.pipe_file(fs_path, buffer.getvalue())  # one PUT: whole or absent
-    else:
-        tmp = f"{fs_path}.tmp-{uuid.uuid4().hex}"
-        fs.pipe_file(tmp, buffer.getvalue())
-        fs.mv(tmp, fs_path)
+    write_atomically(fs, fs_path, serialize(checkpoint))
     return str(path)
 
 

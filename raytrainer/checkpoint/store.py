@@ -57,14 +57,15 @@ def save(uri: str, state: dict, storage_options: Mapping | None = None, ctx=None
     fs, path = storage.filesystem(uri, storage_options)
 
     def commit() -> None:
-        _write_file_atomically(fs, path, sealed.seal(archive, {**marker_meta, "created": time.time()}))
+        write_atomically(fs, path, sealed.seal(archive, {**marker_meta, "created": time.time()}))
 
     writer.submit(commit, list(after_commit or []), f"checkpoint {uri}")
 
 
-def _write_file_atomically(fs, path: str, data: bytes) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+def write_atomically(fs, path: str, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all (a failure leaves no temp file behind)."""
+    if "/" in path:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     if type(fs).__name__ == "LocalFileSystem":
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # local rename is atomic; object stores' PUTs are already
         try:

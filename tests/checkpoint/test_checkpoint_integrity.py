@@ -122,7 +122,7 @@ def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_del
     """A save that dies while writing step 3's file (every retry fails, as when the process is
     killed there) leaves at most a temp file, never a file under the checkpoint's name: "last"
     picks the previous committed one, and step 3 is refused as missing."""
-    real, calls = ckpt_io._write_file_atomically, []
+    real, calls = ckpt_io.write_atomically, []
 
     def dying_write(fs, path, data):
         calls.append(path)
@@ -131,11 +131,11 @@ def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_del
             raise InjectedFailure("simulated crash while writing the checkpoint")
         real(fs, path, data)
 
-    monkeypatch.setattr(ckpt_io, "_write_file_atomically", dying_write)
+    monkeypatch.setattr(ckpt_io, "write_atomically", dying_write)
     with pytest.raises(Exception, match="simulated crash while writing the checkpoint"):
         _trainer(store, [_every_step()], max_steps=5, async_checkpoint=async_checkpoint).fit(
             LinearModel(), loader(shuffle=True))
-    monkeypatch.setattr(ckpt_io, "_write_file_atomically", real)
+    monkeypatch.setattr(ckpt_io, "write_atomically", real)
     assert calls and all(not c.endswith(_step(4)) and not c.endswith(_step(5)) for c in calls)
 
     torn = _uri(store, _step(3))
@@ -557,7 +557,7 @@ def _failing(monkeypatch, name: str, times: int | None, at: str) -> list[str]:
     (None); ``at`` "write" (the bytes never reach storage) or "rename" (a local temp file is
     written, then its rename fails; on object stores, the one PUT fails)."""
     calls: list[str] = []
-    real_write = ckpt_io._write_file_atomically
+    real_write = ckpt_io.write_atomically
 
     def flaky(fs, path, data):
         if path.endswith(name):
@@ -574,7 +574,7 @@ def _failing(monkeypatch, name: str, times: int | None, at: str) -> list[str]:
                 raise OSError(f"simulated storage outage #{len(calls)}")
         return real_write(fs, path, data)
 
-    monkeypatch.setattr(ckpt_io, "_write_file_atomically", flaky)
+    monkeypatch.setattr(ckpt_io, "write_atomically", flaky)
     return calls
 
 

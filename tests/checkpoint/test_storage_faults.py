@@ -95,14 +95,14 @@ class Outage:
 
     def at_checkpoint_write(self, monkeypatch, name: str) -> "Outage":
         """Begin when the checkpoint writer is about to write checkpoint ``name`` (its one file)."""
-        real_write = ckpt_io._write_file_atomically
+        real_write = ckpt_io.write_atomically
 
         def write(fs, path, data):
             if path.endswith(name):
                 self.begin()
             return real_write(fs, path, data)
 
-        monkeypatch.setattr(ckpt_io, "_write_file_atomically", write)
+        monkeypatch.setattr(ckpt_io, "write_atomically", write)
         return self
 
 
