@@ -223,7 +223,12 @@ class ModelCheckpoint(Callback):
                      f" ({self.monitor}={score:.6g})" if score is not None else "")
 
     def _names_for(self, trainer, keep: bool, reuse: str | None) -> tuple[str | None, str | None]:
-        """The named files of this boundary (Lightning's names), the same on every rank (rank 0's)."""
+        """The named files of this boundary (Lightning's names): rank 0 picks them, every rank
+        gets them."""
+        names = self._pick_names(trainer, keep, reuse) if trainer.is_global_zero else None
+        return trainer.strategy.broadcast(names)
+
+    def _pick_names(self, trainer, keep: bool, reuse: str | None) -> tuple[str | None, str | None]:
         metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
         dirpath = self.dirpath or checkpoints_root(trainer.cfg)
         taken = set(self.best_k_models) | {self.last_model_path} | set(self._sources)
@@ -238,7 +243,7 @@ class ModelCheckpoint(Callback):
             taken.add(kept_as)
         last_as = free(named.format_name(named.LAST, metrics, self.auto_insert_metric_name),
                        reuse=self.last_model_path or None) if self.save_last else None
-        return trainer.strategy.broadcast((kept_as, last_as))
+        return kept_as, last_as
 
     def _publish(self, trainer, source: str, paths: list[str]) -> None:
         if trainer.is_global_zero:

@@ -124,3 +124,23 @@ def test_a_named_file_is_the_committed_checkpoint_and_resumes_exactly(tmp_path):
     resumed = type("M", (Scripted, rt.Module), {})()
     make_trainer(tmp_path / "c", max_epochs=3, name="c").fit(resumed, data(), data(), ckpt_path=best)
     assert torch.equal(resumed.net.weight, straight.net.weight)
+
+
+def test_two_ranks_agree_on_the_names_and_rank_zero_publishes_them(tmp_path):
+    from multirank import GlooContext, run_ranks
+
+    from raytrainer.loop.execute import execute
+
+    def rank_fn(rank, world_size):
+        cb = rt.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "named"), filename="{epoch}-{val_loss:.2f}",
+                                          monitor="val_loss", save_top_k=1, save_last=True)
+        trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[cb])
+        execute(trainer, "fit", type("M", (Scripted, rt.Module), {})(), None,
+                {"train": data(16), "val": data()}, None, GlooContext(rank, world_size))
+        return cb.best_model_path, cb.last_model_path, sorted(cb.best_k_models)
+    ranks = run_ranks(rank_fn)
+    assert ranks[0] == ranks[1]
+    best, last, kept = ranks[0]
+    assert sorted(os.listdir(tmp_path / "named")) == ["epoch=1-val_loss=0.25.ckpt", "last.ckpt"]
+    assert (os.path.basename(best), os.path.basename(last), kept) == ("epoch=1-val_loss=0.25.ckpt", "last.ckpt", [best])
+    assert sorted(torch.load(last, weights_only=True)["rank_states"]) == [0, 1]  # the run's 2-rank checkpoint
