@@ -85,6 +85,7 @@ class SweepResult:
             lines.append(f"  {t.trial_id:>14}  {t.status:<13} iters={t.iterations:<3} best {self.metric}={best:<9} {cfg}")
         if self.best is not None:
             lines.append(f"  best: {self.best.trial_id} {self.metric}={self.best.best:.5g} checkpoint={self.best.checkpoint}")
+        lines.append(f"  every trial's logs: tensorboard --logdir {self.sweep_dir}")
         return "\n".join(lines)
 
 

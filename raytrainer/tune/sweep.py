@@ -20,12 +20,13 @@ from raytrainer import storage
 from raytrainer.data import DataModule
 from raytrainer.errors import ConfigError
 from raytrainer.module import Module
-from raytrainer.runtime.cluster import ensure_ray, import_ray, log_notice_dropped
+from raytrainer.runtime.cluster import ensure_ray, environment, import_ray, log_notice_dropped
 from raytrainer.runtime.ray_internals import TUNE_RESULT_LOGGER
 from raytrainer.runtime.signals import handlers_restored
 from raytrainer.tune.result import build_sweep_result
 from raytrainer.trainer import Trainer
 from raytrainer.tune.trial import run_trial, split_config
+from raytrainer.utilities import show_info_logs
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,13 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     config's keys, or ``fn(config) -> Module``) on ``data`` with ``trainer``'s arguments;
     ``trainer.``/``data.``-prefixed keys override the Trainer's / DataModule's arguments.
     PBT perturbs ``hyperparam_mutations`` (default: the search space's sampled domains).
+    ``verbose=False``: none of Tune's own output (its configuration box, its hint at a
+    TensorBoard folder inside Ray's temporary directory); the summary is logged either way.
     Returns a :class:`raytrainer.tune.result.SweepResult`."""
     import_ray("ray.tune")
     from ray import tune
 
+    show_info_logs()  # the sweep's line and its summary, as a fit's notices
     _validate(module, data, trainer, search_space, metric, mode, num_samples)
     cfg = trainer.cfg
     for lg in trainer.loggers:  # what each trial will do, on a copy: a refusal comes before Ray
@@ -107,14 +111,17 @@ def sweep(module: Any, data: Any, trainer, search_space: dict, metric: str, mode
     # Ctrl-C in the same process (a notebook, a script that goes on to fit) would only log
     # "ending Ray Tune run". Put back what was there.
     signums = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
-    with handlers_restored(*signums), log_notice_dropped(TUNE_RESULT_LOGGER, "Remote file not found: "):
+    # Tune's new output engine prints its box and hints even at verbose=0; its legacy one prints
+    # nothing there.
+    quiet = {} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}
+    with handlers_restored(*signums), log_notice_dropped(TUNE_RESULT_LOGGER, "Remote file not found: "), \
+            environment(quiet):
         grid = tuner.fit()
     # Tune ends a trial's actor as soon as it reaches the scheduler's max_t, before the trial can
     # say it finished: reaching max_t counts as completed.
     completes_at = getattr(tune_scheduler, "_max_t", None)
     result = build_sweep_result(grid, metric, mode, sweep_dir, cfg.storage_options, completes_at)
-    if verbose:
-        log.info("%s", result.summary())
+    log.info("%s", result.summary())
     return result
 
 

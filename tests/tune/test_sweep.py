@@ -48,7 +48,7 @@ def test_asha_sweep_stops_bad_trials_and_survives_a_crashing_one(ray_cluster, tm
     assert len(list((tmp_path / "asha").glob("trial_*/tensorboard/events.out.tfevents.*"))) >= len(lrs) - 1
 
 
-def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path, capfd):
+def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path, capfd, rt_log):
     """...and the exploiting trial keeps logging to its own W&B and MLflow runs (grouped under the
     sweep), never the donor's: the donor's checkpoint brings weights, not run identities."""
     pytest.importorskip("wandb")
@@ -93,9 +93,14 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, tmp_path,
             its = t.history_iterations
             assert its == sorted(set(its)) and its[-1] == t.iterations, (t.restores, its)
             assert set(range(first, t.iterations + 1)) <= set(its), (t.restores, its)
-    # quiet: no log line of Tune's about its restores (nor anything else) reaches the user
+    # quiet: no log line of Tune's about its restores (nor anything else) reaches the user, nor
+    # (verbose=False) Tune's configuration box and its hint at a folder in Ray's temp directory;
+    # the summary does, with the sweep's own logs
     printed = capfd.readouterr()
     assert not re.search(r"\b(WARNING|ERROR)\b", printed.out + printed.err), printed
+    assert "Configuration for experiment" not in printed.out + printed.err, printed
+    assert "tensorboard --logdir" not in printed.out + printed.err, printed
+    assert "sweep done: 2 trials" in rt_log.text and f"tensorboard --logdir {tmp_path / 'pbt'}" in rt_log.text
 
     # W&B: every (re)start of a trial wrote to that trial's one run, in the sweep's group.
     ids = {}
