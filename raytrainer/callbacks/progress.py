@@ -69,30 +69,9 @@ class ProgressBar(Callback):
         return bar_class(total=total, initial=initial, desc=desc, leave=self.leave, file=sys.stderr,
                          dynamic_ncols=True, mininterval=0.2)
 
-    @contextlib.contextmanager
     def follow(self, take):
-        """On the driver of a Ray fit, while it runs: draw the bars rank 0 sends. ``take()``
-        returns the states that arrived since the last call, oldest first (each a dict: ``desc``,
-        ``total``, ``initial``, ``n``, ``postfix``, ``closed``)."""
-        stop = threading.Event()
-        drawer = _DriverBars(self)
-
-        def poll() -> None:
-            while not stop.wait(DRAW_EVERY_S):
-                try:
-                    drawer.draw(take())
-                except Exception:  # the bar never takes the fit down (a mailbox gone at the end)
-                    return
-        thread = threading.Thread(target=poll, name="raytrainer-progress", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
-            with contextlib.suppress(Exception):
-                drawer.draw(take())  # what arrived after the last poll: the last epoch's end
-            drawer.close()
+        """On the driver of a Ray fit: draw the bars rank 0 sends (see ``follow``)."""
+        return follow(take, self)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is None:
@@ -197,6 +176,33 @@ class _LineBar:
         self.file.flush()
 
 
+@contextlib.contextmanager
+def follow(take, bar: ProgressBar | None = None):
+    """On the driver of a Ray run, while it runs: draw what the workers send. ``take()`` returns
+    what arrived since the last call, oldest first: rank 0's bar states (``desc``, ``total``,
+    ``initial``, ``n``, ``postfix``, ``closed``; drawn with ``bar``'s rules, ignored without a
+    ``bar``), its notices (``log``), the workers' output lines (``out``, runtime/worker_output.py)."""
+    stop = threading.Event()
+    drawer = _DriverBars(bar)
+
+    def poll() -> None:
+        while not stop.wait(DRAW_EVERY_S):
+            try:
+                drawer.draw(take())
+            except Exception:  # the bar never takes the run down (a mailbox gone at the end)
+                return
+    thread = threading.Thread(target=poll, name="raytrainer-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            drawer.draw(take())  # what arrived after the last poll: the last epoch's end
+        drawer.close()
+
+
 class _SentBar:
     """On a Ray worker: the bar's state sent to the driver instead of drawn (see the module
     docstring); the part of tqdm's interface the callback uses."""
@@ -228,28 +234,43 @@ class _SentBar:
 class _DriverBars:
     """The driver's side of ``_SentBar``: one local bar per epoch, moved to each state received."""
 
-    def __init__(self, callback: ProgressBar):
+    def __init__(self, callback: ProgressBar | None):
         self.callback, self.bar, self.desc = callback, None, None
 
     def draw(self, states: list[dict]) -> None:
         for state in states:
             if "log" in state:  # a notice of rank 0's (the model summary), logged here
                 logging.getLogger(state["logger"]).info("%s", state["log"])
-                continue
-            if self.bar is None or state["desc"] != self.desc:
-                self.close()
-                self.bar, self.desc = self.callback._local_bar(state["total"], state["initial"], state["desc"]), \
-                    state["desc"]
-            # the rate is the worker's: its time, not when the state arrived here
-            if isinstance(self.bar, _LineBar):
-                self.bar.start = time.monotonic() - state["elapsed"]
-            else:
-                self.bar.start_t = self.bar._time() - state["elapsed"]
-            if state["n"] > self.bar.n:
-                self.bar.update(state["n"] - self.bar.n)
-            self.bar.set_postfix(state["postfix"], refresh=False)
-            if state["closed"]:
-                self.close()
+            elif "out" in state:  # a worker's print, above the bar
+                self._print(state)
+            elif self.callback is not None:
+                self._move(state)
+
+    def _print(self, state: dict) -> None:
+        stream = sys.stderr if state["err"] else sys.stdout
+        text = "".join(f"(rank {state['rank']}) {line}" for line in state["out"].splitlines(keepends=True))
+        if self.bar is not None and not isinstance(self.bar, _LineBar):
+            from tqdm.std import tqdm
+            tqdm.write(text, file=stream, end="")  # clears the bar, writes, redraws it
+        else:
+            stream.write(text)
+            stream.flush()
+
+    def _move(self, state: dict) -> None:
+        if self.bar is None or state["desc"] != self.desc:
+            self.close()
+            self.bar, self.desc = self.callback._local_bar(state["total"], state["initial"], state["desc"]), \
+                state["desc"]
+        # the rate is the worker's: its time, not when the state arrived here
+        if isinstance(self.bar, _LineBar):
+            self.bar.start = time.monotonic() - state["elapsed"]
+        else:
+            self.bar.start_t = self.bar._time() - state["elapsed"]
+        if state["n"] > self.bar.n:
+            self.bar.update(state["n"] - self.bar.n)
+        self.bar.set_postfix(state["postfix"], refresh=False)
+        if state["closed"]:
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:

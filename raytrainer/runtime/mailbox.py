@@ -32,7 +32,7 @@ class Mailbox:
         self._progress: dict[str, collections.deque] = {}
         # Fits that ended: a dying worker's late call must not open their channel again (a leak
         # per fit in a long-lived process). Bounded: only calls racing a fit's end need it.
-        self._closed: collections.deque[str] = collections.deque(maxlen=256)
+        self._closed: collections.deque[str] = collections.deque(maxlen=4096)
 
     def _stop_event(self, token: str) -> asyncio.Event:
         return self._stops.setdefault(token, asyncio.Event())

@@ -16,7 +16,7 @@ import threading
 import uuid
 
 from raytrainer import storage
-from raytrainer.callbacks.progress import ProgressBar
+from raytrainer.callbacks.progress import ProgressBar, follow
 from raytrainer.errors import ConfigError
 from raytrainer.loop.execute import execute
 from raytrainer.loop.preemption import StopFlag
@@ -28,6 +28,7 @@ from raytrainer.runtime.ray_context import RayTrainContext
 from raytrainer.runtime.ray_data import data_config, materialize, split_ray_datasets
 from raytrainer.runtime.signals import (handlers_restored, install_worker_sigterm_handler, stop_on_signals,
                                         worker_sigterm)
+from raytrainer.runtime.worker_output import sent_to_driver
 from raytrainer.utilities import show_info_logs
 
 ray = import_ray()
@@ -51,9 +52,12 @@ def _train_fn(config: dict) -> None:
     if sigterm is not None:
         sigterm.driver_alive = functools.partial(_alive, mailbox)
         sigterm.training.set()  # a SIGTERM now commits a checkpoint first (runtime/signals.py)
+    output = sent_to_driver(mailbox.send_progress, ctx.global_rank) if job.get("driver_prints") \
+        else contextlib.nullcontext()
     try:
-        out = execute(trainer, stage, module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
-                      job["resume_uri"], ctx)
+        with output:
+            out = execute(trainer, stage, module, job["datamodule"], materialize(job["loaders"], ctx.global_rank),
+                          job["resume_uri"], ctx)
     except BaseException as e:
         ray.get(mailbox.put(f"error/{ctx.global_rank:05d}", pack_error(e, ctx.global_rank)))
         raise
@@ -143,13 +147,15 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
                                  f"resources_per_worker={per_worker} ray_poll_s="
                                  f"{wanted['RAY_TRAIN_HEALTH_CHECK_INTERVAL_S']}")
     fit_token = uuid.uuid4().hex
-    # The progress bar is drawn here, where the user looks (callbacks/progress.py); in a sweep
-    # trial nobody looks at this process: the worker writes its lines to the trial's log.
+    # The progress bar and the workers' prints are shown here, where the user looks
+    # (callbacks/progress.py, runtime/worker_output.py); in a sweep trial nobody looks at this
+    # process: the workers write to the trial's log.
+    shown_here = report_queue is None
     bar = next((cb for cb in trainer.callbacks if isinstance(cb, ProgressBar)), None) \
-        if stage == "fit" and report_queue is None else None
+        if stage == "fit" and shown_here else None
     job = {"trainer": trainer, "module": module, "datamodule": datamodule, "loaders": loaders,
            "resume_uri": resume_uri, "stage": stage, "use_gpu": use_gpu, "fit_token": fit_token,
-           "report_queue": report_queue, "driver_draws_bar": bar is not None}
+           "report_queue": report_queue, "driver_draws_bar": bar is not None, "driver_prints": shown_here}
     mailbox = open_mailbox(fit_token)
     ray_storage, ray_fs = storage.ray_storage(cfg.run_dir, cfg.storage_options)
     # Workers import the driver's modules (scripts, tests, notebooks) from the driver's path (on
@@ -192,8 +198,7 @@ def launch_ray(trainer, stage: str, module, datamodule, loaders: dict, resume_ur
         # during the call, and is taken away after it: Ray leaves it installed, and the user's
         # next Ctrl-C (after a trainer.test(), say) would "abort" a finished run instead of
         # raising KeyboardInterrupt.
-        drawing = bar.follow(lambda: ray.get(mailbox.take_progress())) if bar is not None \
-            else contextlib.nullcontext()
+        drawing = follow(lambda: ray.get(mailbox.take_progress()), bar) if shown_here else contextlib.nullcontext()
         with stop_on_signals(StopFlag(), on_first=tell_workers) if own_signals else \
                 handlers_restored(signal.SIGINT), environment(settings), drawing:
             torch_trainer.fit()

@@ -139,3 +139,21 @@ def test_a_worker_sends_its_bar_and_summary_and_the_driver_draws_them_as_a_local
         rate = float(line.split("it/s")[0].rsplit(", ", 1)[1])
         assert rate < 60, line
         assert "train_loss=" in line and "val_loss=" in line
+
+
+def test_workers_prints_are_printed_on_the_driver_behind_their_rank(capsys):
+    """runtime/worker_output.py: a worker's prints (stdout and stderr, where warnings go) become
+    whole lines sent to the driver, which prints them behind the rank, on the same stream, once."""
+    from raytrainer.runtime.worker_output import sent_to_driver
+
+    sent = []
+    with sent_to_driver(sent.append, rank=1):
+        print("step 3: loss 0.5")
+        print("partial", end="")
+        print("UserWarning: careful\n  the line after", file=sys.stderr)
+    assert capsys.readouterr() == ("", "")  # nothing written in the worker itself
+    with progress.follow(lambda: [sent.pop(0) for _ in range(len(sent))]):
+        pass
+    out, err = capsys.readouterr()
+    assert out == "(rank 1) step 3: loss 0.5\n(rank 1) partial"
+    assert err == "(rank 1) UserWarning: careful\n(rank 1)   the line after\n"

@@ -1,6 +1,7 @@
 """The progress bar of a Ray fit is drawn on the driver: in a terminal (here a pseudo-terminal)
-one live bar per epoch redrawn in place, with the model summary logged there too, none of it
-behind Ray's ``(RayTrainWorker pid=...)`` prefix; Ray started by the user's own ``ray.init``."""
+one live bar per epoch redrawn in place, with the model summary logged there too and the
+workers' prints behind their rank, none of it behind Ray's ``(RayTrainWorker pid=...)`` prefix;
+Ray started by the user's own ``ray.init``."""
 import fcntl
 import os
 import pty
@@ -55,7 +56,9 @@ def test_ray_fit_draws_one_live_bar_on_the_driver(tmp_path):
         assert re.search(rf"Epoch {epoch}: 100%\|[^|]*\| 32/32 .*train_loss=", out.replace("\r", "\n")), out[-4000:]
     progress_lines = [ln for ln in out.replace("\r", "\n").splitlines() if "Epoch " in ln]
     assert not [ln for ln in progress_lines if "pid=" in ln], progress_lines
-    # the model summary is the driver's notice; the worker's own print still reaches the driver
+    # the model summary is the driver's notice; the workers' own prints reach the driver once
+    # each, behind their rank; nothing behind Ray's worker prefix
     assert re.search(r"^\[raytrainer\] 5 +Trainable params", out.replace("\r", ""), re.M), out[-4000:]
-    assert not re.search(r"RayTrainWorker pid=\d+\).*Trainable params", out)
-    assert "hello from rank 0" in out
+    for rank in (0, 1):
+        assert out.count(f"(rank {rank}) hello from rank {rank}") == 1, out[-4000:]
+    assert "RayTrainWorker" not in out and "pid=" not in out, out[-4000:]
