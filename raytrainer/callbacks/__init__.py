@@ -1,4 +1,5 @@
 from raytrainer.callbacks.base import Callback
+from raytrainer.callbacks.device_stats import DeviceStatsMonitor
 from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.gradient_accumulation import GradientAccumulationScheduler
 from raytrainer.callbacks.lambda_function import LambdaCallback
@@ -10,6 +11,6 @@ from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.callbacks.throughput import ThroughputMonitor
 from raytrainer.callbacks.timer import Timer
 
-__all__ = ["BasePredictionWriter", "Callback", "EarlyStopping", "GradientAccumulationScheduler", "LambdaCallback",
+__all__ = ["BasePredictionWriter", "Callback", "DeviceStatsMonitor", "EarlyStopping", "GradientAccumulationScheduler", "LambdaCallback",
            "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar", "ThroughputMonitor", "Timer",
            "TorchPredictionWriter"]

@@ -1,6 +1,6 @@
 """Lightning's callbacks beyond the basics, side by side with pytorch-lightning:
-GradientAccumulationScheduler (steps per epoch, weights, a resume inside an accumulating epoch)
-and LambdaCallback (which hooks run, in which order)."""
+GradientAccumulationScheduler (steps per epoch, weights, a resume inside an accumulating epoch),
+LambdaCallback (which hooks run, in which order) and DeviceStatsMonitor (what it logs, when)."""
 from __future__ import annotations
 
 import pytest
@@ -101,3 +101,46 @@ def test_lambda_callback_runs_its_functions_where_lightning_does(tmp_path):
     assert ours.calls == theirs.calls and ours.calls[-1] == ("fit end", 3) and len(ours.calls) == 5
     with pytest.raises(TypeError, match=r"\['on_epoch_strat'\], which are not callback hooks"):
         rt.callbacks.LambdaCallback(on_epoch_strat=print)
+
+
+def test_device_stats_monitor_logs_what_lightning_logs_when_it_logs(tmp_path):
+    """The same keys (``DeviceStatsMonitor.{hook}/cpu_*``), in the same calls, at the same loggers'
+    steps as Lightning; values are the machine's (percentages)."""
+    from row_loggers import row_loggers
+
+    ours_cls, theirs_cls = row_loggers(pl, keep=lambda k: k.startswith("DeviceStatsMonitor."))
+    observed = {}
+    for who, base, mod, logger in (("rt", rt.Module, rt, ours_cls()), ("pl", pl.LightningModule, pl, theirs_cls())):
+        class M(Steps, base):
+            def validation_step(self, batch, batch_idx):
+                self.log("val_loss", nn.functional.mse_loss(self.layer(batch[0]), batch[1]))
+
+            test_step = validation_step
+
+        cb = mod.callbacks.DeviceStatsMonitor()
+        kw = dict(max_epochs=2, log_every_n_steps=2, callbacks=[cb], logger=logger)
+        if who == "rt":
+            trainer = make_trainer(tmp_path / who, **kw)
+        else:
+            trainer = pl.Trainer(accelerator="cpu", enable_progress_bar=False, enable_checkpointing=False,
+                                 enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **kw)
+        trainer.fit(M(), data(8), data(4))
+        trainer.test(M(), data(4), verbose=False)
+        observed[who] = [(step, sorted(row)) for step, row in logger.rows]
+        for _, row in logger.rows:
+            assert all(0.0 <= v <= 100.0 for v in row.values()), row
+    assert observed["rt"] == observed["pl"]
+    hooks = {key.split("/")[0] for _, keys in observed["rt"] for key in keys}
+    assert hooks == {f"DeviceStatsMonitor.on_{stage}_batch_{edge}" for stage in ("train", "validation", "test")
+                     for edge in ("start", "end")}
+    # training: the logging steps; evaluation: every 2nd batch of each run (Lightning's rule), at
+    # the loggers' step (the test after the fit: the fit's last)
+    assert [(step, keys[0].split("/")[0].split(".")[1]) for step, keys in observed["rt"]][4:8] == [
+        (3, "on_validation_batch_start"), (3, "on_validation_batch_end"), (5, "on_train_batch_start"),
+        (5, "on_train_batch_end")]
+    assert observed["rt"][-1][0] == 8
+    assert {key.split("/")[1] for _, keys in observed["rt"] for key in keys} == {
+        "cpu_percent", "cpu_vm_percent", "cpu_swap_percent"}
+    with pytest.raises(rt.ConfigError, match="DeviceStatsMonitor.*logger=False"):
+        make_trainer(tmp_path / "none", callbacks=[rt.callbacks.DeviceStatsMonitor()]).fit(
+            type("M", (Steps, rt.Module), {})(), data())
