@@ -8,9 +8,10 @@ from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
 from raytrainer.callbacks.prediction_writer import BasePredictionWriter, TorchPredictionWriter
 from raytrainer.callbacks.progress import ProgressBar
+from raytrainer.callbacks.spike import SpikeDetection, TrainingSpikeException
 from raytrainer.callbacks.throughput import ThroughputMonitor
 from raytrainer.callbacks.timer import Timer
 
 __all__ = ["BasePredictionWriter", "Callback", "DeviceStatsMonitor", "EarlyStopping", "GradientAccumulationScheduler", "LambdaCallback",
-           "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar", "ThroughputMonitor", "Timer",
-           "TorchPredictionWriter"]
+           "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar", "SpikeDetection", "ThroughputMonitor",
+           "Timer", "TorchPredictionWriter", "TrainingSpikeException"]

@@ -1,7 +1,10 @@
 """Lightning's callbacks beyond the basics, side by side with pytorch-lightning:
 GradientAccumulationScheduler (steps per epoch, weights, a resume inside an accumulating epoch),
-LambdaCallback (which hooks run, in which order) and DeviceStatsMonitor (what it logs, when)."""
+LambdaCallback (which hooks run, in which order), DeviceStatsMonitor (what it logs, when) and
+SpikeDetection (where it stops, what it writes)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -144,3 +147,63 @@ def test_device_stats_monitor_logs_what_lightning_logs_when_it_logs(tmp_path):
     with pytest.raises(rt.ConfigError, match="DeviceStatsMonitor.*logger=False"):
         make_trainer(tmp_path / "none", callbacks=[rt.callbacks.DeviceStatsMonitor()]).fit(
             type("M", (Steps, rt.Module), {})(), data())
+
+
+def test_spike_detection_stops_where_lightning_stops_and_names_the_same_batches(tmp_path):
+    """A loss 50x its usual at batch 6: both stop there with TrainingSpikeException and write the
+    same batches to skip; a NaN loss is a spike too (finite_only); one below the warmup is not."""
+    pytest.importorskip("torchmetrics")  # Lightning's SpikeDetection needs it; ours does not
+
+    def fit_both(spike_at, value=50.0, **kw):
+        out = {}
+        for who, base, mod in (("rt", rt.Module, rt), ("pl", pl.LightningModule, pl)):
+            class Spiky(Steps, base):
+                def training_step(self, batch, batch_idx):
+                    loss = super().training_step(batch, batch_idx)
+                    return loss * value if batch_idx == spike_at else loss
+
+            path = tmp_path / f"{who}-{spike_at}-{value}" / "skip.json"
+            cb = mod.callbacks.SpikeDetection(exclude_batches_path=str(path), **{"rtol": 10.0, **kw})
+            if who == "rt":
+                trainer = make_trainer(tmp_path / who, max_epochs=1, callbacks=[cb])
+            else:
+                trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                     enable_checkpointing=False, enable_model_summary=False, callbacks=[cb],
+                                     default_root_dir=str(tmp_path))
+            try:
+                trainer.fit(Spiky(), data(16))
+                out[who] = ("finished", trainer.global_step, None)
+            except RuntimeError as e:
+                out[who] = (type(e).__name__, str(e), json.loads(path.read_text()))
+        return out
+
+    both = fit_both(spike_at=6)
+    assert both["rt"] == both["pl"] == ("TrainingSpikeException", "Training spike detected in batch 6", [5, 6])
+    both = fit_both(spike_at=6, rtol=2.0)  # Lightning's default: this data's own jump at batch 4 is one
+    assert both["rt"] == both["pl"] == ("TrainingSpikeException", "Training spike detected in batch 4", [3, 4])
+    both = fit_both(spike_at=3, value=float("nan"))
+    assert both["rt"] == both["pl"] == ("TrainingSpikeException", "Training spike detected in batch 3", [2, 3])
+    both = fit_both(spike_at=0, warmup=1)  # batch 0 is inside the warm-up
+    assert both["rt"] == both["pl"] == ("finished", 8, None)
+
+
+def test_a_spike_on_one_rank_stops_every_rank(tmp_path):
+    from multirank import GlooContext, run_ranks
+
+    from raytrainer.loop.execute import execute
+
+    def rank_fn(rank, world_size):
+        class Spiky(Steps, rt.Module):
+            def training_step(self, batch, batch_idx):
+                loss = super().training_step(batch, batch_idx)
+                return loss * 50 if (batch_idx, self.global_rank) == (3, 1) else loss
+
+        cb = rt.callbacks.SpikeDetection(rtol=10.0, exclude_batches_path=str(tmp_path / "skip.json"))
+        try:
+            execute(make_trainer(tmp_path, callbacks=[cb]), "fit", Spiky(), None, {"train": data(16)}, None,
+                    GlooContext(rank, world_size))
+        except rt.callbacks.TrainingSpikeException as e:
+            return str(e)
+        return "finished"
+    assert run_ranks(rank_fn) == ["Training spike detected in batch 3"] * 2
+    assert json.loads((tmp_path / "skip.json").read_text()) == [2, 3]  # rank 0 wrote it
