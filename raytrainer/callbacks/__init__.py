@@ -6,6 +6,7 @@ from raytrainer.callbacks.lambda_function import LambdaCallback
 from raytrainer.callbacks.lr_monitor import LearningRateMonitor
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
+from raytrainer.callbacks.on_exception import OnExceptionCheckpoint
 from raytrainer.callbacks.prediction_writer import BasePredictionWriter, TorchPredictionWriter
 from raytrainer.callbacks.progress import ProgressBar
 from raytrainer.callbacks.spike import SpikeDetection, TrainingSpikeException
@@ -13,5 +14,5 @@ from raytrainer.callbacks.throughput import ThroughputMonitor
 from raytrainer.callbacks.timer import Timer
 
 __all__ = ["BasePredictionWriter", "Callback", "DeviceStatsMonitor", "EarlyStopping", "GradientAccumulationScheduler", "LambdaCallback",
-           "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar", "SpikeDetection", "ThroughputMonitor",
+           "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "OnExceptionCheckpoint", "ProgressBar", "SpikeDetection", "ThroughputMonitor",
            "Timer", "TorchPredictionWriter", "TrainingSpikeException"]

@@ -121,7 +121,6 @@ def train_epoch(run, data: FitData) -> str:
         if hooks.on_train_batch_start is not None and hooks.on_train_batch_start(batch, batch_idx) == -1:
             metrics.in_step = False
             return STOPPED  # the module ended the epoch early (Lightning's -1): on to epoch end
-        progress.batches_done = batch_idx + 1
         window_done = (batch_idx + 1) % accumulate == 0 or is_last
         if automatic:
             closure = TrainingClosure(run, batch, batch_idx)
@@ -140,11 +139,15 @@ def train_epoch(run, data: FitData) -> str:
                 # the communication to the window's last backward.
                 with run.strategy.no_sync():
                     closure()
+            # counted once trained on (Lightning's "processed"): a checkpoint of a step that
+            # raised (OnExceptionCheckpoint) trains that batch again
+            progress.batches_done = batch_idx + 1
             if hooks.on_train_batch_end is not None:
                 hooks.on_train_batch_end(closure.batch_end_outputs(), batch, batch_idx)
         else:
             with prof.region(FORWARD), run.precision.autocast():
                 outputs = run.training_step(batch, batch_idx)
+            progress.batches_done = batch_idx + 1
             window_done = True
             if hooks.on_train_batch_end is not None:
                 hooks.on_train_batch_end(outputs, batch, batch_idx)

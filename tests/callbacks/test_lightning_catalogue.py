@@ -207,3 +207,50 @@ def test_a_spike_on_one_rank_stops_every_rank(tmp_path):
         return "finished"
     assert run_ranks(rank_fn) == ["Training spike detected in batch 3"] * 2
     assert json.loads((tmp_path / "skip.json").read_text()) == [2, 3]  # rank 0 wrote it
+
+
+def test_on_exception_checkpoint_leaves_the_state_lightning_leaves_and_a_fit_continues_from_it(tmp_path):
+    class Boom(RuntimeError):
+        pass
+
+    files = {}
+    for who, base, mod in (("rt", rt.Module, rt), ("pl", pl.LightningModule, pl)):
+        class Failing(Steps, base):
+            def training_step(self, batch, batch_idx):
+                if (self.current_epoch, batch_idx) == (1, 2):
+                    raise Boom("data error")
+                return super().training_step(batch, batch_idx)
+
+        cb = mod.callbacks.OnExceptionCheckpoint(dirpath=str(tmp_path / who))
+        assert cb.ckpt_path == str(tmp_path / who / "on_exception.ckpt")
+        if who == "rt":
+            trainer = make_trainer(tmp_path / "runs", max_epochs=2, callbacks=[cb])
+        else:
+            # (Lightning counts it as a checkpoint callback: enable_checkpointing=False would refuse it)
+            trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[cb], default_root_dir=str(tmp_path))
+        with pytest.raises(Boom):
+            trainer.fit(Failing(), data(8))
+        files[who] = torch.load(cb.ckpt_path, weights_only=True)
+    assert files["rt"]["global_step"] == files["pl"]["global_step"] == 6  # 4 steps of epoch 0, 2 of epoch 1
+    for key, value in files["pl"]["state_dict"].items():
+        torch.testing.assert_close(files["rt"]["state_dict"][key], value)
+    # the fit continues from it: the failed batch again, then the rest of the epoch
+    resumed = make_trainer(tmp_path / "runs", max_epochs=2, name="resumed").fit(
+        type("M", (Steps, rt.Module), {})(), data(8), ckpt_path=str(tmp_path / "rt" / "on_exception.ckpt"))
+    assert resumed.global_step == 8
+
+
+def test_on_exception_checkpoint_is_refused_with_several_workers(tmp_path):
+    from multirank import GlooContext, run_ranks
+
+    from raytrainer.loop.execute import execute
+
+    def rank_fn(rank, world_size):
+        cb = rt.callbacks.OnExceptionCheckpoint(dirpath=str(tmp_path))
+        try:
+            execute(make_trainer(tmp_path, callbacks=[cb]), "fit", type("M", (Steps, rt.Module), {})(), None,
+                    {"train": data(8)}, None, GlooContext(rank, world_size))
+        except rt.ConfigError as e:
+            return str(e)
+    assert all("OnExceptionCheckpoint needs one process; this fit has 2 workers" in m for m in run_ranks(rank_fn))
