@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 import warnings
@@ -76,6 +77,25 @@ def write_atomically(fs, path: str, data: bytes) -> None:
                 fs.rm(tmp)
     else:
         fs.pipe_file(path, data)
+
+
+_DEAD_TEMP = re.compile(r"^step=\d{9}(-epoch_end)?\.ckpt\.tmp-[0-9a-f]{8}$")
+
+
+def remove_dead_temp_files(cfg) -> None:
+    """Before a fit, on the driver: the temp files of local writes that never finished (a process
+    killed mid-write; never checkpoints, only clutter). Object stores have none."""
+    root = checkpoints_root(cfg)
+    if storage.is_remote(root):
+        return
+    fs, path = storage.filesystem(root, cfg.storage_options)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return
+    for name in names:
+        if _DEAD_TEMP.match(name):
+            fs.rm(f"{path}/{name}")
 
 
 def _save_folder(uri, state, rank_state, storage_options, ctx, marker_meta, writer, after_commit) -> None:

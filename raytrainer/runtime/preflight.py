@@ -8,6 +8,7 @@ import uuid
 
 from raytrainer import redaction, storage
 from raytrainer.checkpoint import resume
+from raytrainer.checkpoint.store import remove_dead_temp_files
 from raytrainer.checkpoint.format import read_marker
 from raytrainer.errors import ConfigError
 from raytrainer.loggers._folder import resolve_versions
@@ -21,6 +22,8 @@ def prepare(trainer, stage: str, module, ckpt_path, datamodule=None) -> str | No
     resume_uri = resume.resolve(ckpt_path, cfg)
     if stage == "fit" and (cfg.enable_checkpointing or trainer._loggers):
         probe_storage(cfg)
+    if stage == "fit":
+        remove_dead_temp_files(cfg)
     # Here, with the caller's environment: a Ray worker's may lack the variable a secret hparam
     # came from, so the paths found here travel with the module (see redaction.py). Every stage
     # logs the hparams (Lightning's), and a fit also checkpoints them.

@@ -127,7 +127,7 @@ def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_del
     def dying_write(fs, path, data):
         calls.append(path)
         if path.endswith(_step(3)):
-            fs.pipe_file(f"{path}.tmp-dead", data[: len(data) // 2])  # what a killed writer leaves
+            fs.pipe_file(f"{path}.tmp-0dead0ff", data[: len(data) // 2])  # what a killed writer leaves
             raise InjectedFailure("simulated crash while writing the checkpoint")
         real(fs, path, data)
 
@@ -139,7 +139,7 @@ def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_del
     assert calls and all(not c.endswith(_step(4)) and not c.endswith(_step(5)) for c in calls)
 
     torn = _uri(store, _step(3))
-    assert _folders(store) == [_step(1), _step(2), f"{_step(3)}.tmp-dead"]
+    assert _folders(store) == [_step(1), _step(2), f"{_step(3)}.tmp-0dead0ff"]
     assert _committed(store) == [_step(1), _step(2)]
     with pytest.raises(rt.CheckpointError, match="does not exist"):
         rt.load_checkpoint(torn)
@@ -155,6 +155,8 @@ def test_interrupted_save_is_never_resumed_from(store, monkeypatch, no_retry_del
     assert starts.starts == [2]
     assert result.global_step == 5
     assert _committed(store) == [_step(n) for n in range(1, 6)]  # step 3 re-saved, committed now
+    # the next fit removed the dead writer's temp file (local disk: object stores have none)
+    assert (f"{_step(3)}.tmp-0dead0ff" in _folders(store)) == store.startswith("memory://")
 
     straight = LinearModel()
     _trainer(store, [_every_step()], name="straight", max_steps=5).fit(straight, loader(shuffle=True))
